@@ -1,0 +1,160 @@
+"""MNIST-format image classification data as in-memory arrays.
+
+TFDS is the source of truth. Because TFDS needs network access and TensorFlow to prepare
+MNIST, the four IDX `.gz` files can also be read directly from a manual directory; Debian's
+`dataset-fashion-mnist` location is found on its own. The search order is: an explicit
+manual directory, an already-prepared TFDS copy, a well-known local copy, a TFDS download.
+"""
+
+from __future__ import annotations
+
+import gzip
+import socket
+import struct
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from scaling.data.dataset import ArrayDataset
+from scaling.errors import UserError
+
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+WELL_KNOWN_DIRS = {
+    "fashion_mnist": ("/usr/share/datasets/fashion-mnist",),
+    "mnist": ("/usr/share/datasets/mnist",),
+}
+
+LABEL_NAMES = {
+    "mnist": tuple(str(i) for i in range(10)),
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"),
+}
+
+# TFDS fetches both datasets from this host; checking it first turns a several-minute
+# retry loop offline into an immediate, clear error.
+DOWNLOAD_HOST = "storage.googleapis.com"
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Parse one (optionally gzipped) IDX file into a numpy array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise UserError(f"{path}: cannot read IDX file: {e}") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise UserError(f"{path}: not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise UserError(f"{path}: expected {int(np.prod(shape))} values for shape {shape}, "
+                        f"found {body.size}; the file is truncated or corrupt")
+    return body.reshape(shape)
+
+
+def has_idx_files(directory: Path) -> bool:
+    return all((directory / f).is_file() for pair in IDX_FILES.values() for f in pair)
+
+
+def load_idx_directory(directory: Path, name: str) -> ArrayDataset:
+    splits = {}
+    for split, (images_file, labels_file) in IDX_FILES.items():
+        images = read_idx(directory / images_file)
+        labels = read_idx(directory / labels_file)
+        if images.shape[0] != labels.shape[0]:
+            raise UserError(f"{directory}: {images_file} has {images.shape[0]} images but "
+                            f"{labels_file} has {labels.shape[0]} labels")
+        splits[split] = {"image": images[..., None], "label": labels.astype(np.int32)}
+    return ArrayDataset(
+        name=name, train=splits["train"], eval_splits={"test": splits["test"]},
+        label_names=LABEL_NAMES.get(name, tuple(str(i) for i in range(10))),
+        source=f"IDX files in {directory}")
+
+
+def load_tfds(name: str, data_dir: str | None, download: bool) -> ArrayDataset:
+    """Whole splits as numpy arrays through TFDS (which needs TensorFlow to read them)."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir or None)
+    if download:
+        builder.download_and_prepare()
+    splits = {}
+    for split in ("train", "test"):
+        arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+        splits[split] = {"image": np.asarray(arrays["image"], np.uint8),
+                         "label": np.asarray(arrays["label"], np.int32)}
+    names = tuple(builder.info.features["label"].names)
+    return ArrayDataset(name=name, train=splits["train"], eval_splits={"test": splits["test"]},
+                        label_names=names, source=f"TFDS {name} in {builder.data_dir}")
+
+
+def tfds_is_prepared(name: str, data_dir: str | None) -> bool:
+    try:
+        import tensorflow_datasets as tfds
+
+        return tfds.builder(name, data_dir=data_dir or None).is_prepared()
+    except Exception:
+        return False
+
+
+def network_reachable(host: str = DOWNLOAD_HOST, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def tensorflow_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def load_image_dataset(data_config: ml_collections.ConfigDict) -> ArrayDataset:
+    """Find the dataset by the search order in the module docstring, or explain what is left."""
+    name = data_config.name
+    if name not in LABEL_NAMES:
+        raise UserError(f"--config.data.name={name}: expected one of {', '.join(LABEL_NAMES)}")
+    if data_config.manual_dir:
+        directory = Path(data_config.manual_dir).expanduser()
+        if not has_idx_files(directory):
+            wanted = ", ".join(f for pair in IDX_FILES.values() for f in pair)
+            raise UserError(f"--config.data.manual_dir={directory}: expected the four IDX files "
+                            f"{wanted}")
+        return load_idx_directory(directory, name)
+    if tensorflow_available() and tfds_is_prepared(name, data_config.tfds_data_dir):
+        return load_tfds(name, data_config.tfds_data_dir, download=False)
+    for candidate in WELL_KNOWN_DIRS.get(name, ()):
+        if has_idx_files(Path(candidate)):
+            return load_idx_directory(Path(candidate), name)
+    missing = []
+    if not tensorflow_available():
+        missing.append("TensorFlow is not installed, and TFDS needs it to prepare the data "
+                       "(pip install 'scaling[tfds]')")
+    if not network_reachable():
+        missing.append(f"there is no network ({DOWNLOAD_HOST} is unreachable)")
+    if not missing:
+        return load_tfds(name, data_config.tfds_data_dir, download=True)
+    debian = (" On Debian, `apt-get install dataset-fashion-mnist` provides "
+              "/usr/share/datasets/fashion-mnist." if name == "fashion_mnist" else "")
+    raise UserError(
+        f"dataset {name} is not available: {'; '.join(missing)}. Options: connect to the "
+        f"network so TFDS can download it; or set --config.data.tfds_data_dir to a TFDS data "
+        f"directory where {name} is already prepared (a local path or a gs:// bucket); or set "
+        f"--config.data.manual_dir to a directory holding the four IDX .gz files "
+        f"(train-images-idx3-ubyte.gz, ...).{debian}")
+
+
+def preprocess(batch: dict):
+    """Training-time preprocessing, shared with prediction: pixels to float32 in [0, 1]."""
+    import jax.numpy as jnp
+
+    return batch["image"].astype(jnp.float32) / 255.0

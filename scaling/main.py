@@ -1,0 +1,123 @@
+"""Command line: `python -m scaling.main --experiment=NAME_OR_PATH [--config.KEY=VALUE ...]`.
+
+The only module that defines flags. It parses them, loads the experiment, prepares the workdir
+and dispatches a mode. Every user mistake ends here as one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from absl import app, flags, logging
+
+from scaling import config as config_lib
+from scaling.errors import UserError
+
+MODES = ("train", "eval")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("experiment", None,
+                    "Experiment name (experiments/NAME.py) or path to an experiment .py file.")
+flags.DEFINE_string("workdir", None,
+                    "Directory for config.json, metrics.jsonl, checkpoints and TensorBoard "
+                    "events. Default: runs/EXPERIMENT under the current directory.")
+flags.DEFINE_string("mode", "train", f"One of: {', '.join(MODES)}.")
+flags.DEFINE_bool("list", False, "List the experiments with their descriptions, then exit.")
+
+CONFIG_PREFIX = "--config."
+EXIT_USER_ERROR = 2
+
+
+def split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `--config.a.b=value` overrides from the flags absl knows."""
+    overrides, rest = [], []
+    for arg in argv:
+        (overrides.append(arg[len(CONFIG_PREFIX):]) if arg.startswith(CONFIG_PREFIX)
+         else rest.append(arg))
+    return overrides, rest
+
+
+_overrides: list[str] = []
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    overrides, rest = split_config_args(argv)
+    _overrides[:] = overrides
+    try:
+        return FLAGS(rest)
+    except flags.Error as e:
+        _fail(str(e))
+
+
+def prepare_workdir(workdir: str | None, experiment: str) -> Path:
+    """The resolved workdir, created and proven writable before any heavy work."""
+    path = Path(workdir if workdir else Path("runs") / experiment).expanduser().resolve()
+    flag = f"--workdir={workdir}" if workdir else f"the default workdir {path}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag}: cannot write there ({e.strerror}); choose a writable "
+                        "directory with --workdir") from None
+    return path
+
+
+def write_config(config, workdir: Path) -> None:
+    target = workdir / "config.json"
+    partial = workdir / "config.json.tmp"
+    partial.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
+    partial.replace(target)
+
+
+def run(argv: list[str]) -> None:
+    # Orbax logs every file it writes at INFO; keep the console for the progress line.
+    logging.set_verbosity(logging.WARNING)
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}; overrides are written "
+                        "--config.KEY=VALUE")
+    if FLAGS.list:
+        experiments = config_lib.list_experiments()
+        width = max(map(len, experiments), default=0)
+        for name, description in experiments.items():
+            print(f"{name:<{width}}  {description}")
+        return
+    if FLAGS.mode not in MODES:
+        raise UserError(f"--mode={FLAGS.mode}: expected one of {', '.join(MODES)}")
+    config, experiment = config_lib.load_config(FLAGS.experiment, _overrides)
+    workdir = prepare_workdir(FLAGS.workdir, config.experiment)
+    print(f"experiment {config.experiment}, mode {FLAGS.mode}, workdir {workdir}", flush=True)
+
+    from scaling import train  # heavy imports only once the command line is known to be good
+
+    if FLAGS.mode == "train":
+        write_config(config, workdir)
+        train.train_and_evaluate(config, workdir, experiment)
+    elif FLAGS.mode == "eval":
+        results = train.evaluate_checkpoint(config, workdir, experiment)
+        for split, values in results.items():
+            print(f"{split} loss {values['loss']:.4f} accuracy {values['accuracy']:.4f} "
+                  f"({values['num_examples']} examples)")
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def main(argv: list[str]) -> None:
+    try:
+        run(argv)
+    except UserError as e:
+        _fail(str(e))
+
+
+def entry() -> None:
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,110 @@
+"""The device mesh, and the mapping from logical axis names to shardings.
+
+Models only name axes logically (`batch`, `embed`, `mlp`, ...). The config's
+`sharding_rules` map those names onto the mesh axes `data`, `fsdp` and `tensor`; this module
+and the step builder are the only places that touch `jax.sharding`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from scaling.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def resolve_axis_sizes(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict:
+    """Fill in the one axis that may be -1 so the product equals the device count."""
+    sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
+    flags = " ".join(f"--config.mesh.{a}={s}" for a, s in sizes.items())
+    unknown = [a for a, s in sizes.items() if s == -1]
+    if len(unknown) > 1:
+        raise UserError(f"{flags}: at most one mesh axis may be -1 (meaning 'the rest')")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if unknown:
+        if num_devices % known:
+            raise UserError(
+                f"{flags}: the fixed axes multiply to {known}, which does not divide the "
+                f"{num_devices} available devices")
+        sizes[unknown[0]] = num_devices // known
+    elif known != num_devices:
+        raise UserError(
+            f"{flags}: the mesh has {known} devices but {num_devices} are available; "
+            "make the sizes multiply to the device count, or set one axis to -1")
+    return sizes
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over all devices, laid out so the innermost axes get the fastest links."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_axis_sizes(mesh_config, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    try:
+        device_array = mesh_utils.create_device_mesh(shape, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        # Topology-aware placement is unavailable (for example for some fake devices).
+        device_array = np.asarray(devices).reshape(shape)
+    return Mesh(device_array, MESH_AXES)
+
+
+def rules_from_config(config: ml_collections.ConfigDict) -> tuple:
+    """The config's rules as the tuple of (logical, mesh axes) pairs that flax expects."""
+    rules = []
+    for logical, physical in config.sharding_rules:
+        if isinstance(physical, list):
+            physical = tuple(physical)
+        rules.append((logical, physical))
+    return tuple(rules)
+
+
+def batch_axes(rules: tuple) -> tuple[str, ...]:
+    """The mesh axes that the batch dimension is split over."""
+    for logical, physical in rules:
+        if logical == "batch":
+            if physical is None:
+                return ()
+            return (physical,) if isinstance(physical, str) else tuple(physical)
+    return ()
+
+
+def data_parallel_size(mesh: Mesh, rules: tuple) -> int:
+    return math.prod(mesh.shape[a] for a in batch_axes(rules))
+
+
+def batch_sharding(mesh: Mesh, rules: tuple, leading_dims: int = 0) -> NamedSharding:
+    """Sharding for arrays whose first axis (after `leading_dims` unsharded ones) is the batch."""
+    axes = batch_axes(rules)
+    spec = (None,) * leading_dims + ((axes if axes else None),)
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def logical_shardings(abstract_tree, mesh: Mesh, rules: tuple):
+    """Shardings for a pytree whose leaves may be boxed with logical axis names.
+
+    Unboxed leaves (step counters, rng keys) are replicated.
+    """
+    specs = nn.get_partition_spec(abstract_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def describe_shardings(tree) -> list[tuple[str, tuple, str]]:
+    """(path, shape, PartitionSpec) rows, for logs and tests."""
+    rows = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        spec = getattr(getattr(leaf, "sharding", None), "spec", None)
+        rows.append((jax.tree_util.keystr(path), tuple(leaf.shape), str(spec)))
+    return rows

@@ -1,0 +1,103 @@
+"""Where metrics go: the console progress line, `metrics.jsonl` and TensorBoard.
+
+Only process 0 writes. Every record carries `step`, `split` and a wall-clock `time`, so
+benchmarks and reports can be computed from the file alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+
+class MetricsWriter:
+    """One JSON object per event in metrics.jsonl, mirrored to TensorBoard."""
+
+    def __init__(self, workdir: Path, *, resume_step: int = 0):
+        self.enabled = jax.process_index() == 0
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._tensorboard = None
+        if not self.enabled:
+            return
+        self._drop_records_after(resume_step)
+        self._file = self.path.open("a")
+        from tensorboardX import SummaryWriter
+
+        self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def _drop_records_after(self, step: int) -> None:
+        """A killed run may have logged past its last checkpoint; those steps run again."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, step: int, split: str, **scalars: float) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), "split": split, "time": time.time()}
+        record.update({k: _plain(v) for k, v in scalars.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for key, value in scalars.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self._tensorboard.add_scalar(f"{split}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            self._tensorboard.close()
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    return value
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    path = Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """A live line on a terminal; plain log lines when output goes to a file."""
+
+    def __init__(self, total_steps: int, stream=None):
+        self.total_steps = total_steps
+        self.stream = stream or sys.stdout
+        self.live = self.stream.isatty() and jax.process_index() == 0
+        self.quiet = jax.process_index() != 0
+
+    def update(self, step: int, loss: float, examples_per_sec: float, eta_sec: float) -> None:
+        if self.quiet:
+            return
+        width = len(str(self.total_steps))
+        line = (f"step {step:>{width}}/{self.total_steps}  loss {loss:.4f}  "
+                f"{examples_per_sec:,.0f} examples/s  ETA {_duration(eta_sec)}")
+        if self.live:
+            self.stream.write("\r" + line + "\033[K")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self.live:
+            self.stream.write("\r\033[K")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
