@@ -36,10 +36,13 @@ def resolve_axis_sizes(mesh_config: ml_collections.ConfigDict, num_devices: int)
                 f"{flags}: the fixed axes multiply to {known}, which does not divide the "
                 f"{num_devices} available devices")
         sizes[unknown[0]] = num_devices // known
+    elif num_devices % known:
+        raise UserError(f"{flags}: the mesh sizes multiply to {known}, which does not divide "
+                        f"the {num_devices} available devices; set one axis to -1 for the rest")
     elif known != num_devices:
-        raise UserError(
-            f"{flags}: the mesh has {known} devices but {num_devices} are available; "
-            "make the sizes multiply to the device count, or set one axis to -1")
+        raise UserError(f"{flags}: the mesh covers {known} of the {num_devices} available "
+                        "devices; make the sizes multiply to the device count, or set one "
+                        "axis to -1")
     return sizes
 
 

@@ -66,7 +66,7 @@ def train_step(state: TrainState, batch, *, loss_fn: Callable,
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -113,14 +113,15 @@ def total_steps_for(config: ml_collections.ConfigDict, num_examples: int) -> tup
     return total, per_epoch
 
 
-def build_run(config: ml_collections.ConfigDict, dataset: dataset_lib.ArrayDataset,
-              mesh: jax.sharding.Mesh, experiment=None) -> Run:
+def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, element_spec: dict,
+              num_train: int, experiment=None) -> Run:
+    """Compile nothing yet: jit wrappers, shardings and the abstract state, from shapes only."""
     rules = mesh_lib.rules_from_config(config)
     model = make_model(config, experiment)
-    total, per_epoch = total_steps_for(config, dataset.num_train)
+    total, per_epoch = total_steps_for(config, num_train)
     tx, schedule = make_optimizer(config.optimizer, total)
     preprocess = images.preprocess
-    sample = {k: np.zeros((1,) + v.shape[1:], v.dtype) for k, v in dataset.train.items()}
+    sample = {k: np.zeros((1,) + v.shape, v.dtype) for k, v in element_spec.items()}
 
     def init_boxed(rng):
         params_rng, state_rng = jax.random.split(rng)
@@ -195,18 +196,22 @@ def call_length(step: int, stop: int, steps_per_call: int) -> int:
     return 1 << (remaining.bit_length() - 1)
 
 
-def setup(config: ml_collections.ConfigDict, experiment=None):
-    """Mesh, batch checks, data and compiled steps: everything a mode needs before it runs."""
-    mesh = mesh_lib.make_mesh(config.mesh)
+def setup(config: ml_collections.ConfigDict, experiment=None, devices=None):
+    """Mesh, batch checks, data and compiled steps: everything a mode needs before it runs.
+
+    `devices` defaults to all devices; passing a subset lets one process compare meshes.
+    """
+    mesh = mesh_lib.make_mesh(config.mesh, devices)
     check_batch_divisible(config, mesh, mesh_lib.rules_from_config(config))
     dataset = load_dataset(config)
-    return build_run(config, dataset, mesh, experiment), dataset
+    spec = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in dataset.train.items()}
+    return build_run(config, mesh, spec, dataset.num_train, experiment), dataset
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
-                       experiment=None) -> dict[str, dict[str, float]]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, experiment=None,
+                       devices=None) -> dict[str, dict[str, float]]:
     """Train from the latest checkpoint in `workdir` (or from scratch) and evaluate."""
-    run, dataset = setup(config, experiment)
+    run, dataset = setup(config, experiment, devices)
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
     state, resumed = checkpoint.restore_or_init(manager, run.abstract_state, run.init)
     step = int(jax.device_get(state.step))
@@ -253,14 +258,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
     return results
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: Path,
-                        experiment=None) -> dict[str, dict[str, float]]:
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: Path, experiment=None,
+                        devices=None) -> dict[str, dict[str, float]]:
     """`--mode=eval`: the latest checkpoint, evaluated on every eval split."""
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
     if manager.latest_step() is None:
         raise UserError(f"--workdir={workdir}: no checkpoint to evaluate in "
                         f"{Path(workdir) / 'checkpoints'}; train first with --mode=train")
-    run, dataset = setup(config, experiment)
+    run, dataset = setup(config, experiment, devices)
     state = checkpoint.restore(manager, run.abstract_state)
     step = int(jax.device_get(state.step))
     writer = MetricsWriter(workdir, resume_step=2**62)

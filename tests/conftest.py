@@ -1,0 +1,54 @@
+"""Shared fixtures. Eight fake CPU devices are set up before anything imports jax."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import gzip  # noqa: E402
+import struct  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="session")
+def tiny_idx_dir(tmp_path_factory) -> Path:
+    """A learnable MNIST-format dataset: the label is written into the image's brightness."""
+    directory = tmp_path_factory.mktemp("tiny_idx")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 512), ("t10k", 300)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+        images[np.arange(n), labels, :] = 255
+        write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_available() -> None:
+    if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI must install dataset-fashion-mnist (see .ci/run)")
+        pytest.skip("needs apt-get install dataset-fashion-mnist")
+
+
+def run_cli(*args: str, env_extra: dict | None = None, cwd: Path | None = None,
+            timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m scaling.main ARGS` in a fresh process, on one CPU device unless told."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "scaling.main", *args], capture_output=True,
+                          text=True, env=env, cwd=cwd or REPO, timeout=timeout)

@@ -1,0 +1,126 @@
+"""The command line as a user meets it, in fresh processes."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, run_cli
+
+EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_list_shows_experiments_with_descriptions():
+    result = run_cli("--list")
+    assert result.returncode == 0, result.stderr
+    assert "fashion_mnist_mlp  Fashion-MNIST MLP" in result.stdout
+    assert "mnist_mlp" in result.stdout
+
+
+@pytest.mark.parametrize("args, fragments, env", [
+    (["--experiment=mnist_mpl"], ["unknown experiment", "Did you mean: mnist_mlp"], None),
+    (["--experiment=mnist_mlp", "--config.batch_sise=3"],
+     ["--config.batch_sise", "Did you mean: --config.batch_size"], None),
+    (["--experiment=mnist_mlp", "--config.batch_size=big"],
+     ["--config.batch_size=big", "expected an integer"], None),
+    (["--experiment=fashion_mnist_mlp", "--config.mesh.data=3"],
+     ["--config.mesh.data=3", "does not divide the 8"], EIGHT_DEVICES),
+    (["--experiment=fashion_mnist_mlp", "--config.batch_size=100"],
+     ["--config.batch_size=100", "divisible by the data-parallel size 8"], EIGHT_DEVICES),
+    (["--experiment=mnist_mlp", "--config.num_steps=-3"], ["--config.num_steps=-3"], None),
+    (["--experiment=mnist_mlp", "--mode=dance"], ["--mode=dance"], None),
+    (["--experiment=mnist_mlp", "--no_such_flag"], ["no_such_flag"], None),
+])
+def test_user_mistakes_exit_2_with_one_message(args, fragments, env, tmp_path):
+    result = run_cli(*args, f"--workdir={tmp_path}", env_extra=env)
+    assert_user_error(result, *fragments)
+
+
+def test_user_errors_survive_python_O(tmp_path):
+    result = subprocess.run([sys.executable, "-O", "-m", "scaling.main",
+                             "--experiment=mnist_mlp", "--config.batch_size=0",
+                             f"--workdir={tmp_path}"], capture_output=True, text=True, cwd=REPO)
+    assert_user_error(result, "--config.batch_size=0")
+
+
+def test_unwritable_workdir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = run_cli("--experiment=mnist_mlp", f"--workdir={blocker}/run")
+    assert_user_error(result, f"--workdir={blocker}/run", "cannot write")
+
+
+def test_mnist_offline_fails_fast_listing_the_options(tmp_path):
+    result = run_cli("--experiment=mnist_mlp", f"--workdir={tmp_path}",
+                     f"--config.data.tfds_data_dir={tmp_path / 'tfds'}", timeout=60)
+    if result.returncode == 0:
+        pytest.skip("MNIST is reachable from this machine")
+    assert_user_error(result, "dataset mnist is not available", "network",
+                      "--config.data.tfds_data_dir", "--config.data.manual_dir")
+
+
+def test_edited_copy_outside_the_repo_trains(tmp_path, tiny_idx_dir):
+    source = (REPO / "experiments" / "mnist_mlp.py").read_text()
+    edited = source.replace('"hidden_sizes": (128, 128)', '"hidden_sizes": (32,)')
+    assert edited != source
+    (tmp_path / "elsewhere").mkdir()
+    copy = tmp_path / "elsewhere" / "my_idea.py"
+    copy.write_text(edited)
+    workdir = tmp_path / "run"
+    result = run_cli(f"--experiment={copy}", f"--workdir={workdir}",
+                     f"--config.data.manual_dir={tiny_idx_dir}", "--config.num_steps=16",
+                     "--config.batch_size=32", "--config.eval_batch_size=100", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "final test loss" in result.stdout
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["model"]["hidden_sizes"] == [32] and config["experiment"] == "my_idea"
+
+    evaluated = run_cli(f"--experiment={copy}", f"--workdir={workdir}", "--mode=eval",
+                        f"--config.data.manual_dir={tiny_idx_dir}", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "test loss" in evaluated.stdout and "(300 examples)" in evaluated.stdout
+
+
+def committed_steps(workdir):
+    directory = workdir / "checkpoints"
+    if not directory.exists():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, fashion_mnist_available):
+    workdir = tmp_path / "run"
+    args = [sys.executable, "-m", "scaling.main", "--experiment=fashion_mnist_mlp",
+            f"--workdir={workdir}", "--config.num_steps=100000",
+            "--config.checkpoint_every_steps=200", "--config.eval_every_steps=100000"]
+    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not committed_steps(workdir) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = committed_steps(workdir)
+    assert saved, "no checkpoint was committed before the deadline"
+
+    result = run_cli("--experiment=fashion_mnist_mlp", f"--workdir={workdir}",
+                     "--config.num_steps=1200", "--config.checkpoint_every_steps=200",
+                     "--config.eval_every_steps=100000")
+    assert result.returncode == 0, result.stderr
+    resumed_at = int(result.stdout.split("resumed at step ")[1].split()[0])
+    assert resumed_at >= saved[-1] > 0
+    steps = [r["step"] for r in map(json.loads, (workdir / "metrics.jsonl").open())
+             if r["split"] == "train"]
+    assert steps == sorted(set(steps)), "a resumed run must not log a step twice"
+    assert steps[-1] == 1200
