@@ -19,6 +19,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         "seed": 0,
+        "task": "classification",
         "data": {
             "name": "mnist",
             "manual_dir": "",       # a folder with the four IDX .gz files
@@ -46,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
         },
         "l2": 0.0,                   # λ in the loss term λ/2·Σw² over weight matrices
         "batch_size": 128,
+        "grad_accum_steps": 1,       # microbatches per step; same update, less memory
         "eval_batch_size": 1000,
         "num_epochs": 10,
         "num_steps": -1,             # > 0 overrides num_epochs

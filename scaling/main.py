@@ -99,8 +99,7 @@ def run(argv: list[str]) -> None:
     elif FLAGS.mode == "eval":
         results = train.evaluate_checkpoint(config, workdir, experiment)
         for split, values in results.items():
-            print(f"{split} loss {values['loss']:.4f} accuracy {values['accuracy']:.4f} "
-                  f"({values['num_examples']} examples)")
+            print(f"{split} {train.format_metrics(values)}")
 
 
 def _fail(message: str) -> None:

@@ -26,11 +26,12 @@ import optax
 from scaling import checkpoint
 from scaling import mesh as mesh_lib
 from scaling.data import dataset as dataset_lib
-from scaling.data import images, load_dataset
+from scaling.data import load_dataset
 from scaling.errors import UserError
 from scaling.metrics import MetricsWriter, Progress
 from scaling.models import make_model
 from scaling.optim import make_optimizer
+from scaling.tasks import Task, get_task, sum_metrics
 
 
 @flax.struct.dataclass
@@ -48,36 +49,69 @@ def l2_penalty(params) -> jax.Array:
     return sum(jnp.sum(jnp.square(p.astype(jnp.float32))) for p in leaves)
 
 
-def classification_loss(params, batch, rng, *, model: nn.Module, preprocess: Callable,
-                        l2: float):
-    logits = model.apply({"params": params}, preprocess(batch), train=True,
+def objective(params, batch, rng, *, model: nn.Module, task: Task, l2: float):
+    """The task loss plus the optional L2 term λ/2·Σw²; what the optimizer descends."""
+    logits = model.apply({"params": params}, task.preprocess(batch), train=True,
                          rngs={"dropout": rng}).astype(jnp.float32)
-    labels = batch["label"]
-    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    loss = cross_entropy + 0.5 * l2 * l2_penalty(params) if l2 else cross_entropy
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return loss, {"cross_entropy": cross_entropy, "accuracy": accuracy}
+    loss, aux = task.loss(logits, batch)
+    if l2:
+        aux["data_loss"] = loss
+        loss = loss + 0.5 * l2 * l2_penalty(params)
+    return loss, aux
+
+
+def split_microbatches(batch, num_microbatches: int, sharding=None):
+    """(B, ...) to (k, B/k, ...), taking every k-th example so each device's rows stay local."""
+    def split(x):
+        x = x.reshape((x.shape[0] // num_microbatches, num_microbatches) + x.shape[1:])
+        x = jnp.swapaxes(x, 0, 1)
+        return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+    return jax.tree_util.tree_map(split, batch)
+
+
+def loss_and_grads(loss_fn: Callable, params, batch, rng, num_microbatches: int = 1,
+                   microbatch_sharding=None):
+    """Mean loss and gradient over the batch, optionally accumulated over microbatches.
+
+    With equal-sized microbatches the mean of their gradients is the full-batch gradient, so
+    accumulation changes memory, not the update.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if num_microbatches == 1:
+        return grad_fn(params, batch, rng)
+
+    def accumulate(carry, indexed):
+        index, microbatch = indexed
+        out = grad_fn(params, microbatch, jax.random.fold_in(rng, index))
+        return jax.tree_util.tree_map(jnp.add, carry, out), None
+
+    microbatches = split_microbatches(batch, num_microbatches, microbatch_sharding)
+    first = jax.tree_util.tree_map(lambda x: x[0], microbatches)
+    zeros = jax.tree_util.tree_map(
+        jnp.zeros_like, jax.eval_shape(grad_fn, params, first, rng))
+    total, _ = jax.lax.scan(accumulate, zeros,
+                            (jnp.arange(num_microbatches), microbatches))
+    return jax.tree_util.tree_map(lambda x: x / num_microbatches, total)
 
 
 def train_step(state: TrainState, batch, *, loss_fn: Callable,
-               tx: optax.GradientTransformation):
+               tx: optax.GradientTransformation, num_microbatches: int = 1,
+               microbatch_sharding=None):
     """One optimizer update; pure, so it can be scanned, jitted and sharded."""
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    (loss, aux), grads = loss_and_grads(loss_fn, state.params, batch, rng, num_microbatches,
+                                        microbatch_sharding)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch, *, model: nn.Module, preprocess: Callable):
+def eval_step(params, batch, *, model: nn.Module, task: Task):
     """Sums, not means, over the real (unmasked) examples, so padding never counts."""
-    logits = model.apply({"params": params}, preprocess(batch), train=False).astype(jnp.float32)
-    labels, mask = batch["label"], batch["mask"]
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    correct = jnp.argmax(logits, -1) == labels
-    return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask),
-            "count": jnp.sum(mask)}
+    logits = model.apply({"params": params}, task.preprocess(batch),
+                         train=False).astype(jnp.float32)
+    return task.eval_sums(logits, batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +121,7 @@ class Run:
     mesh: jax.sharding.Mesh
     rules: tuple
     model: nn.Module
+    task: Task
     total_steps: int
     steps_per_epoch: int
     schedule: optax.Schedule
@@ -105,6 +140,12 @@ def check_batch_divisible(config: ml_collections.ConfigDict, mesh, rules) -> Non
             raise UserError(
                 f"--config.{key}={config[key]}: must be divisible by the data-parallel size "
                 f"{dp} (batch sharded over {axes}); pick a multiple of {dp} or change the mesh")
+    accum = config.grad_accum_steps
+    if accum < 1 or config.batch_size % (accum * dp):
+        raise UserError(
+            f"--config.grad_accum_steps={accum}: must be positive and split "
+            f"--config.batch_size={config.batch_size} into microbatches divisible by the "
+            f"data-parallel size {dp}")
 
 
 def total_steps_for(config: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:
@@ -120,12 +161,12 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
     model = make_model(config, experiment)
     total, per_epoch = total_steps_for(config, num_train)
     tx, schedule = make_optimizer(config.optimizer, total)
-    preprocess = images.preprocess
+    task = get_task(config.task)
     sample = {k: np.zeros((1,) + v.shape, v.dtype) for k, v in element_spec.items()}
 
     def init_boxed(rng):
         params_rng, state_rng = jax.random.split(rng)
-        params = model.init(params_rng, preprocess(sample), train=False)["params"]
+        params = model.init(params_rng, task.preprocess(sample), train=False)["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), rng=state_rng)
 
@@ -137,22 +178,24 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
         lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
         nn.meta.unbox(boxed), state_shardings)
 
-    loss_fn = functools.partial(classification_loss, model=model, preprocess=preprocess,
-                                l2=config.l2)
+    loss_fn = functools.partial(objective, model=model, task=task, l2=config.l2)
+    chunk_sharding = mesh_lib.batch_sharding(mesh, rules, leading_dims=1)
+    step_fn = functools.partial(train_step, loss_fn=loss_fn, tx=tx,
+                                num_microbatches=config.grad_accum_steps,
+                                microbatch_sharding=chunk_sharding)
 
     def train_steps(state, chunk):
-        return jax.lax.scan(lambda s, b: train_step(s, b, loss_fn=loss_fn, tx=tx), state, chunk)
+        return jax.lax.scan(step_fn, state, chunk)
 
     def evaluate_chunk(params, chunk):
         sums = jax.lax.scan(
-            lambda carry, b: (carry, eval_step(params, b, model=model, preprocess=preprocess)),
+            lambda carry, b: (carry, eval_step(params, b, model=model, task=task)),
             None, chunk)[1]
-        return jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), sums)
+        return sum_metrics(sums)
 
-    chunk_sharding = mesh_lib.batch_sharding(mesh, rules, leading_dims=1)
     replicated = mesh_lib.replicated(mesh)
     return Run(
-        config=config, mesh=mesh, rules=rules, model=model, total_steps=total,
+        config=config, mesh=mesh, rules=rules, model=model, task=task, total_steps=total,
         steps_per_epoch=per_epoch, schedule=schedule, state_shardings=state_shardings,
         abstract_state=abstract_state, init=lambda: init(rng),
         train_steps=jax.jit(train_steps, in_shardings=(state_shardings, chunk_sharding),
@@ -174,10 +217,7 @@ def evaluate(run: Run, params, dataset: dataset_lib.ArrayDataset) -> dict[str, d
     for split, data in dataset.eval_splits.items():
         chunk = dataset_lib.eval_chunk(data, run.config.eval_batch_size)
         sums = jax.device_get(run.evaluate_chunk(params, put_chunk(run, chunk)))
-        count = float(sums["count"])
-        results[split] = {"loss": float(sums["loss_sum"]) / count,
-                          "accuracy": float(sums["correct"]) / count,
-                          "num_examples": int(count)}
+        results[split] = run.task.summarize(sums)
     return results
 
 
@@ -253,8 +293,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, experim
     manager.close()
     writer.close()
     for split, values in results.items():
-        progress.message(f"final {split} loss {values['loss']:.4f} "
-                         f"accuracy {values['accuracy']:.4f} ({values['num_examples']} examples)")
+        progress.message(f"final {split} {format_metrics(values)}")
     return results
 
 
@@ -281,11 +320,17 @@ def _next_multiple(step: int, period: int) -> int:
     return (step // period + 1) * period
 
 
+def format_metrics(values: dict) -> str:
+    """`loss 0.3262 accuracy 0.8851 (10000 examples)`, whatever the task reports."""
+    counts = {k: v for k, v in values.items() if k.startswith("num_")}
+    text = " ".join(f"{k} {v:.4f}" for k, v in values.items() if k not in counts)
+    return text + "".join(f" ({v} {k[4:]})" for k, v in counts.items())
+
+
 def _write_eval(writer: MetricsWriter, progress: Progress, step: int, results: dict) -> None:
     for split, values in results.items():
         writer.write(step, split, **values)
-        progress.message(f"step {step}: {split} loss {values['loss']:.4f} "
-                         f"accuracy {values['accuracy']:.4f}")
+        progress.message(f"step {step}: {split} {format_metrics(values)}")
 
 
 class _StepLogger:

@@ -10,7 +10,8 @@ import pytest
 from scaling import config as config_lib
 from scaling import optim
 from scaling.errors import UserError
-from scaling.train import classification_loss, l2_penalty
+from scaling.tasks import CLASSIFICATION
+from scaling.train import l2_penalty, objective
 
 
 def optimizer_config(**overrides) -> ml_collections.ConfigDict:
@@ -75,10 +76,9 @@ def test_l2_term_is_half_lambda_sum_of_squared_weights():
     params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x), params,
                                     is_leaf=lambda x: hasattr(x, "value"))
     rng = jax.random.PRNGKey(1)
-    plain, _ = classification_loss(params, batch, rng, model=model,
-                                   preprocess=lambda b: b["image"] / 255.0, l2=0.0)
-    with_l2, _ = classification_loss(params, batch, rng, model=model,
-                                     preprocess=lambda b: b["image"] / 255.0, l2=0.3)
+    plain, _ = objective(params, batch, rng, model=model, task=CLASSIFICATION, l2=0.0)
+    with_l2, aux = objective(params, batch, rng, model=model, task=CLASSIFICATION, l2=0.3)
+    assert float(aux["data_loss"]) == pytest.approx(float(plain))
     squares = sum(float(jnp.sum(params[layer]["kernel"] ** 2)) for layer in params)
     assert float(l2_penalty(params)) == pytest.approx(squares, rel=1e-6)
     assert float(with_l2 - plain) == pytest.approx(0.15 * squares, rel=1e-5)

@@ -120,3 +120,22 @@ def test_config_json_round_trips(tmp_path, tiny_idx_dir):
     written = json.loads((tmp_path / "config.json").read_text())
     assert written["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
     assert np.isclose(written["optimizer"]["learning_rate"], 1e-3)
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path, tiny_idx_dir):
+    config, module = tiny_config(tiny_idx_dir, "num_steps=8", "eval_every_steps=8")
+    train.train_and_evaluate(config, tmp_path / "full", module)
+    config, module = tiny_config(tiny_idx_dir, "num_steps=8", "eval_every_steps=8",
+                                 "grad_accum_steps=4")
+    train.train_and_evaluate(config, tmp_path / "accumulated", module)
+    full, accumulated = losses(tmp_path / "full"), losses(tmp_path / "accumulated")
+    assert sorted(full) == sorted(accumulated) == list(range(1, 9))
+    for step in full:
+        assert accumulated[step] == pytest.approx(full[step], rel=1e-5), step
+    assert full[8] < full[1]
+
+
+def test_accumulation_must_split_the_batch(tiny_idx_dir):
+    config, module = tiny_config(tiny_idx_dir, "grad_accum_steps=3")
+    with pytest.raises(UserError, match="--config.grad_accum_steps=3"):
+        train.setup(config, module)

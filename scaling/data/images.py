@@ -152,9 +152,3 @@ def load_image_dataset(data_config: ml_collections.ConfigDict) -> ArrayDataset:
         f"--config.data.manual_dir to a directory holding the four IDX .gz files "
         f"(train-images-idx3-ubyte.gz, ...).{debian}")
 
-
-def preprocess(batch: dict):
-    """Training-time preprocessing, shared with prediction: pixels to float32 in [0, 1]."""
-    import jax.numpy as jnp
-
-    return batch["image"].astype(jnp.float32) / 255.0
