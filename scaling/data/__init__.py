@@ -1,29 +1,39 @@
 """Datasets: loading, deterministic order and batching."""
 
+import jax
 import ml_collections
+import numpy as np
 
 from scaling.data.dataset import ArrayDataset
 from scaling.errors import UserError
 
+IMAGE_DATASETS = ("mnist", "fashion_mnist")
+TEXT_DATASETS = ("tiny_shakespeare",)
+
+
+def _unknown(name: str) -> UserError:
+    return UserError(f"--config.data.name={name}: unknown dataset; expected one of "
+                     f"{', '.join(IMAGE_DATASETS + TEXT_DATASETS)}")
+
 
 def load_dataset(config: ml_collections.ConfigDict) -> ArrayDataset:
     """The dataset named by `config.data.name`, as in-memory arrays."""
-    from scaling.data import images
+    if config.data.name in IMAGE_DATASETS:
+        from scaling.data import images
 
-    if config.data.name in images.LABEL_NAMES:
         return images.load_image_dataset(config.data)
-    raise UserError(f"--config.data.name={config.data.name}: unknown dataset; expected one of "
-                    f"{', '.join(images.LABEL_NAMES)}")
+    if config.data.name in TEXT_DATASETS:
+        from scaling.data import text
+
+        return text.load_text_dataset(config.data)
+    raise _unknown(config.data.name)
 
 
 def element_spec(config: ml_collections.ConfigDict) -> dict:
     """Shape and dtype of one training example, known without loading any data."""
-    import jax
-    import numpy as np
-
-    from scaling.data import images
-
-    if config.data.name in images.LABEL_NAMES:
+    if config.data.name in IMAGE_DATASETS:
         return {"image": jax.ShapeDtypeStruct((28, 28, 1), np.uint8),
                 "label": jax.ShapeDtypeStruct((), np.int32)}
-    raise UserError(f"--config.data.name={config.data.name}: unknown dataset")
+    if config.data.name in TEXT_DATASETS:
+        return {"tokens": jax.ShapeDtypeStruct((config.data.seq_len + 1,), np.int32)}
+    raise _unknown(config.data.name)

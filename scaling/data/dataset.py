@@ -23,6 +23,7 @@ class ArrayDataset:
     eval_splits: dict[str, Batch]
     label_names: tuple[str, ...]
     source: str
+    tokenizer: object = None  # text datasets only: ids <-> text, for sampling
 
     @property
     def num_train(self) -> int:
