@@ -16,7 +16,7 @@ from absl import app, flags, logging
 from scaling import config as config_lib
 from scaling.errors import UserError
 
-MODES = ("train", "eval")
+MODES = ("train", "eval", "sample")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("experiment", None,
@@ -25,6 +25,14 @@ flags.DEFINE_string("workdir", None,
                     "Directory for config.json, metrics.jsonl, checkpoints and TensorBoard "
                     "events. Default: runs/EXPERIMENT under the current directory.")
 flags.DEFINE_string("mode", "train", f"One of: {', '.join(MODES)}.")
+flags.DEFINE_string("prompt", "\n", "--mode=sample: the text to continue.")
+flags.DEFINE_integer("max_new_tokens", None, "--mode=sample: tokens to generate "
+                     "(default: config.sample.max_new_tokens).")
+flags.DEFINE_float("temperature", None, "--mode=sample: softmax temperature, 0 for greedy "
+                   "(default: config.sample.temperature).")
+flags.DEFINE_integer("top_k", None, "--mode=sample: keep the k most likely tokens, 0 for all "
+                     "(default: config.sample.top_k).")
+flags.DEFINE_integer("sample_seed", 0, "--mode=sample: the seed; equal seeds give equal text.")
 flags.DEFINE_bool("list", False, "List the experiments with their descriptions, then exit.")
 
 CONFIG_PREFIX = "--config."
@@ -100,6 +108,24 @@ def run(argv: list[str]) -> None:
         results = train.evaluate_checkpoint(config, workdir, experiment)
         for split, values in results.items():
             print(f"{split} {train.format_metrics(values)}")
+    elif FLAGS.mode == "sample":
+        print(sample_text_from_flags(config, workdir, experiment), flush=True)
+
+
+def sample_text_from_flags(config, workdir: Path, experiment) -> str:
+    from scaling import sample
+
+    defaults = config.get("sample") or {}
+
+    def pick(flag_value, key, fallback):
+        return flag_value if flag_value is not None else defaults.get(key, fallback)
+
+    options = sample.SampleOptions(
+        prompt=FLAGS.prompt, seed=FLAGS.sample_seed,
+        max_new_tokens=pick(FLAGS.max_new_tokens, "max_new_tokens", 200),
+        temperature=pick(FLAGS.temperature, "temperature", 1.0),
+        top_k=pick(FLAGS.top_k, "top_k", 0))
+    return sample.sample_from_checkpoint(config, workdir, options, experiment)
 
 
 def _fail(message: str) -> None:

@@ -104,6 +104,16 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules: tuple):
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def with_mesh_rules(fn, mesh: Mesh, rules: tuple):
+    """Call `fn` with the mesh and logical rules in scope, so that the models'
+    `nn.with_logical_constraint` calls become real sharding constraints when traced."""
+    def wrapped(*args, **kwargs):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return fn(*args, **kwargs)
+    wrapped.inner = fn
+    return wrapped
+
+
 def describe_shardings(tree) -> list[tuple[str, tuple, str]]:
     """(path, shape, PartitionSpec) rows, for logs and tests."""
     rows = []

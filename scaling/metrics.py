@@ -61,6 +61,20 @@ def _plain(value):
     return value
 
 
+def throughput(examples_per_sec: float, items_per_example: int, flops_per_example: float,
+               num_devices: int, peak_flops: float | None) -> dict[str, float]:
+    """Examples (and tokens) per second, model TFLOP/s per device and, if the chip is known,
+    MFU: achieved analytic FLOP/s over the chip's peak."""
+    out = {"examples_per_sec": examples_per_sec}
+    if items_per_example > 1:
+        out["tokens_per_sec"] = examples_per_sec * items_per_example
+    flops_per_device = examples_per_sec * flops_per_example / num_devices
+    out["tflops_per_device"] = flops_per_device / 1e12
+    if peak_flops:
+        out["mfu"] = flops_per_device / peak_flops
+    return out
+
+
 def read_metrics(workdir: Path) -> list[dict]:
     path = Path(workdir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -75,12 +89,16 @@ class Progress:
         self.live = self.stream.isatty() and jax.process_index() == 0
         self.quiet = jax.process_index() != 0
 
-    def update(self, step: int, loss: float, examples_per_sec: float, eta_sec: float) -> None:
+    def update(self, step: int, loss: float, rates: dict[str, float], eta_sec: float) -> None:
         if self.quiet:
             return
         width = len(str(self.total_steps))
-        line = (f"step {step:>{width}}/{self.total_steps}  loss {loss:.4f}  "
-                f"{examples_per_sec:,.0f} examples/s  ETA {_duration(eta_sec)}")
+        speed = (f"{rates['tokens_per_sec']:,.0f} tokens/s" if "tokens_per_sec" in rates
+                 else f"{rates['examples_per_sec']:,.0f} examples/s")
+        if "mfu" in rates:
+            speed += f"  MFU {rates['mfu']:.1%}"
+        line = (f"step {step:>{width}}/{self.total_steps}  loss {loss:.4f}  {speed}  "
+                f"ETA {_duration(eta_sec)}")
         if self.live:
             self.stream.write("\r" + line + "\033[K")
         else:

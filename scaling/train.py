@@ -23,14 +23,15 @@ import ml_collections
 import numpy as np
 import optax
 
-from scaling import checkpoint
+from scaling import checkpoint, hardware
 from scaling import mesh as mesh_lib
 from scaling.data import dataset as dataset_lib
 from scaling.data import load_dataset
 from scaling.errors import UserError
-from scaling.metrics import MetricsWriter, Progress
-from scaling.models import make_model
+from scaling.metrics import MetricsWriter, Progress, throughput
+from scaling.models import make_model, training_flops_per_example
 from scaling.optim import make_optimizer
+from scaling.summary import state_table
 from scaling.tasks import Task, get_task, sum_metrics
 
 
@@ -128,6 +129,8 @@ class Run:
     state_shardings: Any
     abstract_state: Any
     init: Callable[[], TrainState]
+    flops_per_example: float   # analytic training FLOPs, for TFLOP/s and MFU
+    items_per_example: int     # tokens (or images) per example, for throughput
     train_steps: Callable      # (state, chunk of k batches) -> (state, per-step metrics)
     evaluate_chunk: Callable   # (params, padded eval chunk) -> summed metrics
 
@@ -173,7 +176,9 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
     rng = jax.random.PRNGKey(config.seed)
     boxed = jax.eval_shape(init_boxed, rng)
     state_shardings = mesh_lib.logical_shardings(boxed, mesh, rules)
-    init = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=state_shardings)
+    init = mesh_lib.with_mesh_rules(
+        jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=state_shardings),
+        mesh, rules)
     abstract_state = jax.tree_util.tree_map(
         lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
         nn.meta.unbox(boxed), state_shardings)
@@ -198,11 +203,17 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
         config=config, mesh=mesh, rules=rules, model=model, task=task, total_steps=total,
         steps_per_epoch=per_epoch, schedule=schedule, state_shardings=state_shardings,
         abstract_state=abstract_state, init=lambda: init(rng),
-        train_steps=jax.jit(train_steps, in_shardings=(state_shardings, chunk_sharding),
-                            out_shardings=(state_shardings, replicated), donate_argnums=0),
-        evaluate_chunk=jax.jit(evaluate_chunk,
-                               in_shardings=(state_shardings.params, chunk_sharding),
-                               out_shardings=replicated))
+        flops_per_example=training_flops_per_example(model, abstract_state.params,
+                                                     element_spec),
+        items_per_example=task.items_per_example(element_spec),
+        train_steps=mesh_lib.with_mesh_rules(
+            jax.jit(train_steps, in_shardings=(state_shardings, chunk_sharding),
+                    out_shardings=(state_shardings, replicated), donate_argnums=0),
+            mesh, rules),
+        evaluate_chunk=mesh_lib.with_mesh_rules(
+            jax.jit(evaluate_chunk, in_shardings=(state_shardings.params, chunk_sharding),
+                    out_shardings=replicated),
+            mesh, rules))
 
 
 def put_chunk(run: Run, chunk: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -244,6 +255,10 @@ def setup(config: ml_collections.ConfigDict, experiment=None, devices=None):
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     check_batch_divisible(config, mesh, mesh_lib.rules_from_config(config))
     dataset = load_dataset(config)
+    vocab = config.model.get("vocab_size")
+    if dataset.tokenizer is not None and vocab is not None and vocab < dataset.tokenizer.vocab_size:
+        raise UserError(f"--config.model.vocab_size={vocab}: the tokenizer has "
+                        f"{dataset.tokenizer.vocab_size} tokens; raise it to at least that")
     spec = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in dataset.train.items()}
     return build_run(config, mesh, spec, dataset.num_train, experiment), dataset
 
@@ -257,9 +272,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, experim
     step = int(jax.device_get(state.step))
     writer = MetricsWriter(workdir, resume_step=step)
     progress = Progress(run.total_steps)
+    progress.message(state_table(run.abstract_state, run.mesh))
     progress.message(
-        f"data: {dataset.source} ({dataset.num_train} train examples); mesh "
-        f"{dict(run.mesh.shape)}; {run.total_steps} steps of batch {config.batch_size}"
+        f"data: {dataset.source} ({dataset.num_train} train examples); "
+        f"{run.total_steps} steps of batch {config.batch_size}"
         + (f"; resumed at step {step}" if resumed else ""))
     eval_every = every(config.eval_every_steps, run.steps_per_epoch)
     checkpoint_every = every(config.checkpoint_every_steps, run.steps_per_epoch)
@@ -340,6 +356,8 @@ class _StepLogger:
         self.writer, self.progress, self.run = writer, progress, run
         self.every = config.log_every_steps
         self.batch_size = config.batch_size
+        chip = hardware.chip_for(run.mesh.devices.flat[0].device_kind)
+        self.peak_flops = chip.peak_flops if chip else None
         self.window: list[dict[str, float]] = []
         self.window_seconds = 0.0
         self.last_time = time.perf_counter()
@@ -365,8 +383,10 @@ class _StepLogger:
         rate = len(self.window) * self.batch_size / max(self.window_seconds, 1e-9)
         means = {k: float(np.mean([m[k] for m in self.window])) for k in self.window[0]}
         eta = (self.run.total_steps - step) * self.batch_size / rate
-        self.writer.write(step, "train", **means, examples_per_sec=rate,
+        rates = throughput(rate, self.run.items_per_example, self.run.flops_per_example,
+                           self.run.mesh.size, self.peak_flops)
+        self.writer.write(step, "train", **means, **rates,
                           learning_rate=float(self.run.schedule(step - 1)))
-        self.progress.update(step, means["loss"], rate, eta)
+        self.progress.update(step, means["loss"], rates, eta)
         self.window = []
         self.window_seconds = 0.0

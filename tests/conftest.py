@@ -45,6 +45,18 @@ def fashion_mnist_available() -> None:
         pytest.skip("needs apt-get install dataset-fashion-mnist")
 
 
+SHAKESPEARE_DIR = REPO.parent / "shared" / "datasets" / "tiny_shakespeare"
+
+
+@pytest.fixture(scope="session")
+def shakespeare_dir() -> Path:
+    if not (SHAKESPEARE_DIR / "input.txt").exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI expects tiny Shakespeare at {SHAKESPEARE_DIR}")
+        pytest.skip("tiny Shakespeare is not next to the repository")
+    return SHAKESPEARE_DIR
+
+
 def run_cli(*args: str, env_extra: dict | None = None, cwd: Path | None = None,
             timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m scaling.main ARGS` in a fresh process, on one CPU device unless told."""

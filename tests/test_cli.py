@@ -1,6 +1,7 @@
 """The command line as a user meets it, in fresh processes."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ def assert_user_error(result, *fragments):
 def test_list_shows_experiments_with_descriptions():
     result = run_cli("--list")
     assert result.returncode == 0, result.stderr
-    assert "fashion_mnist_mlp  Fashion-MNIST MLP" in result.stdout
+    assert re.search(r"^fashion_mnist_mlp +Fashion-MNIST MLP", result.stdout, re.M)
     assert "mnist_mlp" in result.stdout
 
 

@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from scaling import config as config_lib
-from scaling import data
+from scaling import data, summary
 from scaling import mesh as mesh_lib
 from scaling.train import build_run
 
@@ -16,14 +16,20 @@ EXPERIMENTS = sorted((Path(__file__).resolve().parent.parent / "experiments").gl
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
 def test_experiment_builds_abstractly(path):
-    config, module = config_lib.load_config(str(path), ["num_steps=10"])
+    """Shapes, shardings and a lowered train step, without allocating any parameter."""
+    config, module = config_lib.load_config(str(path), ["num_steps=100000"])
     mesh = mesh_lib.make_mesh(config.mesh)
-    run = build_run(config, mesh, data.element_spec(config), num_train=1000, experiment=module)
-    abstract = jax.eval_shape(run.init)
-    assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(
-        run.abstract_state)
+    spec = data.element_spec(config)
+    run = build_run(config, mesh, spec, num_train=10**6, experiment=module)
     for leaf in jax.tree_util.tree_leaves(run.abstract_state):
         assert leaf.sharding.mesh.shape == mesh.shape
+    assert summary.parameter_count(run.abstract_state.params) > 0
+    batch_sharding = mesh_lib.batch_sharding(mesh, run.rules, leading_dims=1)
+    chunk = {k: jax.ShapeDtypeStruct((1, config.batch_size) + v.shape, v.dtype,
+                                     sharding=batch_sharding) for k, v in spec.items()}
+    with jax.set_mesh(mesh):
+        lowered = run.train_steps.inner.lower(run.abstract_state, chunk)
+    assert "func.func public @main" in lowered.as_text()
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)

@@ -1,7 +1,5 @@
 """Tokenizers and packed text windows."""
 
-from pathlib import Path
-
 import ml_collections
 import numpy as np
 import pytest
@@ -9,8 +7,6 @@ import pytest
 from scaling.data import text
 from scaling.data.tokenizer import ByteTokenizer, CharTokenizer, make_tokenizer
 from scaling.errors import UserError
-
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "tiny_shakespeare"
 
 
 def test_char_tokenizer_round_trips_and_rejects_unknown_characters():
@@ -50,11 +46,9 @@ def test_eval_windows_cover_every_target_once():
     np.testing.assert_array_equal(targets, np.arange(2, 12))
 
 
-def test_tiny_shakespeare_from_the_manual_directory():
-    if not (SHAKESPEARE / "input.txt").exists():
-        pytest.skip("tiny Shakespeare is not next to the repository")
+def test_tiny_shakespeare_from_the_manual_directory(shakespeare_dir):
     config = ml_collections.ConfigDict({
-        "name": "tiny_shakespeare", "manual_dir": str(SHAKESPEARE), "tfds_data_dir": "",
+        "name": "tiny_shakespeare", "manual_dir": str(shakespeare_dir), "tfds_data_dir": "",
         "tokenizer": "char", "tokenizer_model": "", "seq_len": 128,
         "eval_splits": ("validation", "test")})
     data = text.load_text_dataset(config)

@@ -4,6 +4,11 @@ TFDS is the source of truth. Because TFDS needs network access and TensorFlow to
 MNIST, the four IDX `.gz` files can also be read directly from a manual directory; Debian's
 `dataset-fashion-mnist` location is found on its own. The search order is: an explicit
 manual directory, an already-prepared TFDS copy, a well-known local copy, a TFDS download.
+
+A prepared TFDS copy in `array_record` format (`download_and_prepare(file_format=
+"array_record")`) is read without TensorFlow (Pillow decodes its PNGs); the default `tfrecord`
+format needs TensorFlow. TFDS shuffles examples when it prepares them, so a TFDS copy holds the
+same examples as the IDX files in a different order, and the same seed gives different batches.
 """
 
 from __future__ import annotations
@@ -35,9 +40,16 @@ LABEL_NAMES = {
                       "Sneaker", "Bag", "Ankle boot"),
 }
 
-# TFDS fetches both datasets from this host; checking it first turns a several-minute
-# retry loop offline into an immediate, clear error.
-DOWNLOAD_HOST = "storage.googleapis.com"
+# Where TFDS fetches each dataset (its url_checksums); checking the host first turns a
+# several-minute retry loop offline into an immediate, clear error.
+DOWNLOAD_HOSTS = {
+    "mnist": ("storage.googleapis.com", 443),
+    "fashion_mnist": ("fashion-mnist.s3-website.eu-central-1.amazonaws.com", 80),
+    "tiny_shakespeare": ("raw.githubusercontent.com", 443),
+}
+
+# Prepared formats that TFDS reads by random access, without TensorFlow.
+RANDOM_ACCESS_FORMATS = ("array_record", "parquet")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -78,16 +90,32 @@ def load_idx_directory(directory: Path, name: str) -> ArrayDataset:
         source=f"IDX files in {directory}")
 
 
+def read_data_source(builder, split: str) -> dict[str, np.ndarray]:
+    """One split of an array_record/parquet copy, decoded by TFDS without TensorFlow."""
+    source = builder.as_data_source(split=split)
+    try:
+        examples = source.__getitems__(range(len(source)))
+    except ImportError as e:  # TFDS decodes PNG with OpenCV or Pillow when TF is absent
+        raise UserError(f"reading TFDS {builder.name} from {builder.data_dir} needs Pillow to "
+                        f"decode its images (pip install pillow): {e}") from None
+    return {key: np.stack([example[key] for example in examples]) for key in ("image", "label")}
+
+
 def load_tfds(name: str, data_dir: str | None, download: bool) -> ArrayDataset:
-    """Whole splits as numpy arrays through TFDS (which needs TensorFlow to read them)."""
+    """Whole splits as numpy arrays through TFDS: tfrecord copies need TensorFlow to read them,
+    array_record and parquet copies do not."""
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=data_dir or None)
     if download:
         builder.download_and_prepare()
+    random_access = builder.info.file_format.value in RANDOM_ACCESS_FORMATS
     splits = {}
     for split in ("train", "test"):
-        arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+        if random_access:
+            arrays = read_data_source(builder, split)
+        else:
+            arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
         splits[split] = {"image": np.asarray(arrays["image"], np.uint8),
                          "label": np.asarray(arrays["label"], np.int32)}
     names = tuple(builder.info.features["label"].names)
@@ -95,18 +123,30 @@ def load_tfds(name: str, data_dir: str | None, download: bool) -> ArrayDataset:
                         label_names=names, source=f"TFDS {name} in {builder.data_dir}")
 
 
-def tfds_is_prepared(name: str, data_dir: str | None) -> bool:
+def tfds_prepared_format(name: str, data_dir: str | None) -> str | None:
+    """The file format of a prepared TFDS copy ("tfrecord", "array_record", ...), or None."""
     try:
         import tensorflow_datasets as tfds
 
-        return tfds.builder(name, data_dir=data_dir or None).is_prepared()
+        builder = tfds.builder(name, data_dir=data_dir or None)
+        return builder.info.file_format.value if builder.is_prepared() else None
     except Exception:
-        return False
+        return None
 
 
-def network_reachable(host: str = DOWNLOAD_HOST, timeout: float = 3.0) -> bool:
+def tfds_is_prepared(name: str, data_dir: str | None) -> bool:
+    return tfds_prepared_format(name, data_dir) is not None
+
+
+def tfds_readable(file_format: str | None) -> bool:
+    return file_format is not None and (file_format in RANDOM_ACCESS_FORMATS
+                                        or tensorflow_available())
+
+
+def network_reachable(host: str = DOWNLOAD_HOSTS["mnist"][0], port: int = 443,
+                      timeout: float = 3.0) -> bool:
     try:
-        with socket.create_connection((host, 443), timeout=timeout):
+        with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False
@@ -130,17 +170,23 @@ def load_image_dataset(data_config: ml_collections.ConfigDict) -> ArrayDataset:
             raise UserError(f"--config.data.manual_dir={directory}: expected the four IDX files "
                             f"{wanted}")
         return load_idx_directory(directory, name)
-    if tensorflow_available() and tfds_is_prepared(name, data_config.tfds_data_dir):
+    prepared = tfds_prepared_format(name, data_config.tfds_data_dir)
+    if tfds_readable(prepared):
         return load_tfds(name, data_config.tfds_data_dir, download=False)
     for candidate in WELL_KNOWN_DIRS.get(name, ()):
         if has_idx_files(Path(candidate)):
             return load_idx_directory(Path(candidate), name)
     missing = []
-    if not tensorflow_available():
+    if prepared:
+        missing.append(f"the TFDS copy in --config.data.tfds_data_dir is in {prepared} format, "
+                       f"which needs TensorFlow to read (pip install 'scaling[tfds]'; or "
+                       f"prepare it with file_format='array_record')")
+    elif not tensorflow_available():
         missing.append("TensorFlow is not installed, and TFDS needs it to prepare the data "
                        "(pip install 'scaling[tfds]')")
-    if not network_reachable():
-        missing.append(f"there is no network ({DOWNLOAD_HOST} is unreachable)")
+    host, port = DOWNLOAD_HOSTS[name]
+    if not network_reachable(host, port):
+        missing.append(f"there is no network ({host} is unreachable)")
     if not missing:
         return load_tfds(name, data_config.tfds_data_dir, download=True)
     debian = (" On Debian, `apt-get install dataset-fashion-mnist` provides "

@@ -15,7 +15,12 @@ import ml_collections
 import numpy as np
 
 from scaling.data.dataset import ArrayDataset
-from scaling.data.images import network_reachable, tensorflow_available, tfds_is_prepared
+from scaling.data.images import (
+    DOWNLOAD_HOSTS,
+    network_reachable,
+    tensorflow_available,
+    tfds_is_prepared,
+)
 from scaling.data.tokenizer import make_tokenizer
 from scaling.errors import UserError
 
@@ -81,7 +86,7 @@ def load_text_dataset(data_config: ml_collections.ConfigDict) -> ArrayDataset:
         texts = read_manual(Path(data_config.manual_dir).expanduser())
         source = f"{Path(data_config.manual_dir) / MANUAL_FILE}"
     elif tensorflow_available() and (tfds_is_prepared(name, data_config.tfds_data_dir)
-                                     or network_reachable()):
+                                     or network_reachable(*DOWNLOAD_HOSTS[name])):
         texts = read_tfds(name, data_config.tfds_data_dir, download=True)
         source = f"TFDS {name}"
     else:

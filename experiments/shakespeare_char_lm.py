@@ -1,0 +1,88 @@
+"""Character-level transformer LM on tiny Shakespeare, small enough for a laptop CPU.
+
+A 4-layer, 256-wide decoder (RoPE, grouped-query attention with 8 query and 4 key/value
+heads, SwiGLU, tied embeddings) over 128-character windows; AdamW with warmup and cosine
+decay, global-norm clipping at 1.
+
+    python -m scaling.main --experiment=shakespeare_char_lm \
+        --config.data.manual_dir=../shared/datasets/tiny_shakespeare
+    python -m scaling.main --experiment=shakespeare_char_lm --mode=sample \
+        --config.data.manual_dir=../shared/datasets/tiny_shakespeare --prompt="ROMEO:"
+
+Hardware: a laptop CPU (also runs unchanged on GPU or TPU). Data: TFDS `tiny_shakespeare`, or
+offline a directory holding TFDS's source file input.txt (--config.data.manual_dir).
+Expected: validation loss below 1.60 nats per character (perplexity under 5) after 2000
+steps, in about 12 minutes on a 2-core CPU.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    seq_len = 128
+    return ml_collections.ConfigDict({
+        "seed": 0,
+        "task": "language_modeling",
+        "data": {
+            "name": "tiny_shakespeare",
+            "manual_dir": "",        # a folder holding input.txt
+            "tfds_data_dir": "",
+            "tokenizer": "char",     # char | byte | sentencepiece
+            "tokenizer_model": "",   # a SentencePiece .model file
+            "seq_len": seq_len,
+            "eval_splits": ("validation",),
+        },
+        "model": {
+            "name": "transformer",
+            "vocab_size": 128,       # covers the 65 characters; a multiple of 8 for sharding
+            "num_layers": 4,
+            "embed_dim": 256,
+            "num_heads": 8,
+            "num_kv_heads": 4,
+            "head_dim": 32,
+            "mlp_dim": 768,
+            "max_seq_len": seq_len,
+            "rope_theta": 10_000.0,
+            "tie_embeddings": True,
+            "dtype": "float32",       # compute dtype; bfloat16 on accelerators
+            "param_dtype": "float32",
+            "remat_policy": "none",   # none | full | dots | dots_with_no_batch_dims
+        },
+        "optimizer": {
+            "name": "adamw",
+            "learning_rate": 2e-3,
+            "schedule": "warmup_cosine",
+            "warmup_steps": 100,
+            "final_lr_fraction": 0.1,
+            "b1": 0.9,
+            "b2": 0.99,
+            "eps": 1e-8,
+            "weight_decay": 0.1,
+            "momentum": 0.9,
+            "nesterov": False,
+            "clip_norm": 1.0,
+        },
+        "l2": 0.0,
+        "batch_size": 64,
+        "grad_accum_steps": 1,
+        "eval_batch_size": 64,
+        "num_epochs": 1,
+        "num_steps": 2000,
+        "steps_per_call": 10,
+        "log_every_steps": 50,
+        "eval_every_steps": 500,
+        "checkpoint_every_steps": 500,
+        "keep_checkpoints": 2,
+        "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+        "sharding_rules": (
+            ("batch", ("data", "fsdp")),
+            ("seq", None),
+            ("embed", "fsdp"),
+            ("heads", "tensor"),
+            ("kv", None),
+            ("mlp", "tensor"),
+            ("vocab", "tensor"),
+            ("layers", None),
+        ),
+        "sample": {"max_new_tokens": 500, "temperature": 0.8, "top_k": 40},
+    })

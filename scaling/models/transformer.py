@@ -1,0 +1,317 @@
+"""A decoder-only transformer language model: pre-norm, RoPE, grouped-query attention, SwiGLU.
+
+Shape suffixes name the axes of every array, nanodo style, so a reader can check each einsum
+without running it:
+
+    B  batch                     H   query heads
+    L  sequence length (queries) K   key/value heads (K divides H)
+    S  key/value length          G   query heads per key/value head (H // K)
+    D  embedding width           Dh  width of one head
+    F  MLP hidden width          V   vocabulary
+
+S is L in a training pass and `max_seq_len` when decoding against the KV cache.
+
+Only logical axis names appear here (batch, seq, embed, heads, kv, mlp, vocab, layers); the
+config's rules map them to mesh axes. Key and value projections name their head axis `heads`
+too, so a rule that splits `heads` over a mesh axis must divide K as well as H.
+
+The layers are one `Block` scanned `num_layers` times, so the compiled program holds one
+layer body whatever the depth, and every layer parameter has a leading `layers` axis.
+Parameters live in `param_dtype`; matmuls run in `dtype`; norms, rotary angles, softmax and
+logits run in float32 because they lose the most precision in bfloat16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from scaling.errors import UserError
+
+REMAT_POLICIES = {
+    "none": None,  # no remat at all
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TransformerConfig:
+    """Hyperparameters of `Transformer`; frozen so a module holding it stays hashable."""
+
+    vocab_size: int
+    num_layers: int
+    embed_dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    max_seq_len: int
+    rope_theta: float = 10_000.0
+    tie_embeddings: bool = True
+    dtype: Any = jnp.float32  # compute dtype of matmuls and activations
+    param_dtype: Any = jnp.float32
+    remat_policy: str = "none"
+    norm_eps: float = 1e-6
+    scan_layers: bool = True
+
+    def __post_init__(self):
+        # Experiment files may spell dtypes as strings; normalise so equal configs hash equal.
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+        if self.remat_policy not in REMAT_POLICIES:
+            raise UserError(f"remat_policy={self.remat_policy!r}: expected one of "
+                            f"{', '.join(REMAT_POLICIES)}")
+        if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+            raise UserError(f"num_kv_heads={self.num_kv_heads} must divide "
+                            f"num_heads={self.num_heads}")
+        if self.head_dim % 2:
+            raise UserError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+
+def _param(module: nn.Module, name: str, init: nn.initializers.Initializer,
+           shape: tuple[int, ...], names: tuple[str, ...]) -> jax.Array:
+    """A parameter in param_dtype, named logically, cast to the compute dtype for use."""
+    config = module.config
+    value = module.param(name, nn.with_logical_partitioning(init, names), shape,
+                         config.param_dtype)
+    return value.astype(config.dtype)
+
+
+def _fan_in_init(in_axis: int | tuple[int, ...],
+                 out_axis: int | tuple[int, ...]) -> nn.initializers.Initializer:
+    # LeCun normal over multi-axis kernels: fan-in is the contracted axes (D, or H·Dh).
+    return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                            in_axis=in_axis, out_axis=out_axis)
+
+
+class RMSNorm(nn.Module):
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                                   ("embed",)),
+                             (x_BLD.shape[-1],), self.config.param_dtype)
+        x = x_BLD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.config.norm_eps)
+        return (x * scale_D.astype(jnp.float32)).astype(self.config.dtype)
+
+
+def apply_rope(x_BLHDh: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+    """Rotates pairs (i, i + Dh/2) by position-dependent angles, so q·k sees only offsets."""
+    half = x_BLHDh.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BL1h = (positions_BL.astype(jnp.float32)[:, :, None] * inv_freq)[:, :, None, :]
+    sin, cos = jnp.sin(angle_BL1h), jnp.cos(angle_BL1h)
+    x1, x2 = jnp.split(x_BLHDh.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BLHDh.dtype)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention with an optional KV cache (the flax lm1b pattern)."""
+
+    config: TransformerConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array | None) -> jax.Array:
+        c = self.config
+        B, L, D = x_BLD.shape
+        H, K, Dh = c.num_heads, c.num_kv_heads, c.head_dim
+        qkv_init = _fan_in_init(0, (1, 2))
+        w_DHDh = _param(self, "query", qkv_init, (D, H, Dh), ("embed", "heads", "kv"))
+        wk_DKDh = _param(self, "key", qkv_init, (D, K, Dh), ("embed", "heads", "kv"))
+        wv_DKDh = _param(self, "value", qkv_init, (D, K, Dh), ("embed", "heads", "kv"))
+        w_HDhD = _param(self, "out", _fan_in_init((0, 1), 2), (H, Dh, D),
+                        ("heads", "kv", "embed"))
+
+        names = ("batch", "seq", "heads", "kv")
+        q_BLHDh = nn.with_logical_constraint(jnp.einsum("bld,dhk->blhk", x_BLD, w_DHDh), names)
+        k_BLKDh = nn.with_logical_constraint(jnp.einsum("bld,dhk->blhk", x_BLD, wk_DKDh), names)
+        v_BLKDh = nn.with_logical_constraint(jnp.einsum("bld,dhk->blhk", x_BLD, wv_DKDh), names)
+
+        # Slots index the key/value sequence: causality compares slots, RoPE uses positions.
+        cache = self._cache_variables(B) if self.decode else None
+        initialized = cache is not None and cache.initialized
+        start = cache.index.value if initialized else 0
+        q_slot_L = start + jnp.arange(L)
+        if positions_BL is None:
+            positions_BL = jnp.broadcast_to(q_slot_L, (B, L))
+        q_BLHDh = apply_rope(q_BLHDh, positions_BL, c.rope_theta)
+        k_BLKDh = apply_rope(k_BLKDh, positions_BL, c.rope_theta)
+
+        if initialized:
+            # The cache holds rotated keys, so each key keeps the position it was written at.
+            # Slots past the new tokens hold zeros and are masked out below. Writing past
+            # max_seq_len cannot raise under jit: dynamic_update_slice clamps the start.
+            for variable, new_BLKDh in ((cache.key, k_BLKDh), (cache.value, v_BLKDh)):
+                variable.value = jax.lax.dynamic_update_slice(
+                    variable.value, new_BLKDh.astype(variable.value.dtype), (0, start, 0, 0))
+            cache.index.value = start + L
+            k_BSKDh, v_BSKDh = cache.key.value, cache.value.value
+        else:
+            # A training pass, or the init that creates the cache (which must not write it).
+            k_BSKDh, v_BSKDh = k_BLKDh, v_BLKDh
+        k_slot_S = jnp.arange(k_BSKDh.shape[1])
+
+        G = H // K
+        q_BLKGDh = q_BLHDh.reshape(B, L, K, G, Dh)
+        logits_BKGLS = jnp.einsum("blkgd,bskd->bkgls", q_BLKGDh, k_BSKDh,
+                                  preferred_element_type=jnp.float32) * Dh**-0.5
+        mask_LS = k_slot_S[None, :] <= q_slot_L[:, None]
+        logits_BKGLS = jnp.where(mask_LS, logits_BKGLS, jnp.finfo(jnp.float32).min)
+        probs_BKGLS = jax.nn.softmax(logits_BKGLS, axis=-1).astype(c.dtype)
+        out_BLKGDh = jnp.einsum("bkgls,bskd->blkgd", probs_BKGLS, v_BSKDh)
+        out_BLHDh = nn.with_logical_constraint(out_BLKGDh.reshape(B, L, H, Dh), names)
+        return jnp.einsum("blhk,hkd->bld", out_BLHDh, w_HDhD)
+
+    def _cache_variables(self, B: int) -> _Cache:
+        c = self.config
+        initialized = self.has_variable("cache", "cached_key")
+        shape = (B, c.max_seq_len, c.num_kv_heads, c.head_dim)
+        zeros = nn.with_logical_partitioning(jnp.zeros, ("batch", "seq", "heads", "kv"))
+        return _Cache(
+            initialized=initialized,
+            key=self.variable("cache", "cached_key", zeros, shape, c.dtype),
+            value=self.variable("cache", "cached_value", zeros, shape, c.dtype),
+            index=self.variable("cache", "cache_index",
+                                nn.with_logical_partitioning(jnp.zeros, ()), (), jnp.int32))
+
+
+@dataclasses.dataclass
+class _Cache:
+    initialized: bool  # False during the init that creates the variables
+    key: nn.Variable
+    value: nn.Variable
+    index: nn.Variable
+
+
+class Mlp(nn.Module):
+    """SwiGLU: a gated hidden layer, which beats a plain GELU MLP at equal FLOPs."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        c = self.config
+        D, F = x_BLD.shape[-1], c.mlp_dim
+        init = _fan_in_init(0, 1)
+        gate_DF = _param(self, "gate", init, (D, F), ("embed", "mlp"))
+        up_DF = _param(self, "up", init, (D, F), ("embed", "mlp"))
+        down_FD = _param(self, "down", init, (F, D), ("mlp", "embed"))
+        names = ("batch", "seq", "mlp")
+        gate_BLF = nn.with_logical_constraint(jnp.einsum("bld,df->blf", x_BLD, gate_DF), names)
+        up_BLF = nn.with_logical_constraint(jnp.einsum("bld,df->blf", x_BLD, up_DF), names)
+        return jnp.einsum("blf,fd->bld", nn.silu(gate_BLF) * up_BLF, down_FD)
+
+
+class Block(nn.Module):
+    """One pre-norm layer; its (carry, None) signature is what nn.scan needs."""
+
+    config: TransformerConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array,
+                 positions_BL: jax.Array | None) -> tuple[jax.Array, None]:
+        names = ("batch", "seq", "embed")
+        h_BLD = RMSNorm(self.config, name="attention_norm")(x_BLD)
+        x_BLD = x_BLD + Attention(self.config, self.decode, name="attention")(h_BLD,
+                                                                              positions_BL)
+        x_BLD = nn.with_logical_constraint(x_BLD, names)
+        h_BLD = RMSNorm(self.config, name="mlp_norm")(x_BLD)
+        x_BLD = x_BLD + Mlp(self.config, name="mlp")(h_BLD)
+        return nn.with_logical_constraint(x_BLD, names), None
+
+
+class Transformer(nn.Module):
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, tokens_BL: jax.Array, *, train: bool = False, decode: bool = False,
+                 positions_BL: jax.Array | None = None) -> jax.Array:
+        """Float32 logits (B, L, V) for next-token prediction.
+
+        With `decode=True`, apply with `mutable=["cache"]` and a cache from `init_cache`: the
+        L new tokens are attended against everything cached so far, written at the cache
+        index, and the index advances by L. `positions_BL` overrides the rotary positions
+        (they default to the tokens' slots, 0..L-1, or index..index+L-1 when decoding);
+        causal masking always follows the slots.
+        """
+        del train  # no dropout in this model
+        c = self.config
+        embedding_VD = self.param(
+            "embedding", nn.with_logical_partitioning(nn.linear.default_embed_init,
+                                                      ("vocab", "embed")),
+            (c.vocab_size, c.embed_dim), c.param_dtype)
+        # Gather before casting, so bfloat16 compute never copies the whole table.
+        x_BLD = jnp.take(embedding_VD, tokens_BL, axis=0).astype(c.dtype)
+        x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "seq", "embed"))
+
+        layer = Block
+        policy = REMAT_POLICIES[c.remat_policy]
+        if c.remat_policy != "none":
+            # Inside scan, the loop already stops XLA from merging the recomputation away.
+            layer = nn.remat(Block, policy=policy, prevent_cse=not c.scan_layers)
+        if c.scan_layers:
+            stack = nn.scan(layer, variable_axes={"params": 0, "cache": 0},
+                            split_rngs={"params": True}, in_axes=(nn.broadcast,),
+                            length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            x_BLD, _ = stack(c, decode, name="layers")(x_BLD, positions_BL)
+        else:
+            for i in range(c.num_layers):
+                x_BLD, _ = layer(c, decode, name=f"layers_{i}")(x_BLD, positions_BL)
+
+        x_BLD = RMSNorm(c, name="final_norm")(x_BLD)
+        if c.tie_embeddings:
+            logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, embedding_VD.astype(c.dtype),
+                                    preferred_element_type=jnp.float32)
+        else:
+            output_DV = _param(self, "output", _fan_in_init(0, 1), (c.embed_dim, c.vocab_size),
+                               ("embed", "vocab"))
+            logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, output_DV,
+                                    preferred_element_type=jnp.float32)
+        return nn.with_logical_constraint(logits_BLV, ("batch", "seq", "vocab"))
+
+
+def init_cache(model: Transformer, batch_size: int) -> dict:
+    """An empty KV cache (zeros, index 0) for `batch_size` sequences, as plain arrays.
+
+    Shapes come from an abstract init, so no parameters are computed. For shardings, take
+    `nn.get_partition_spec` of the same `jax.eval_shape` output: the cache is named
+    (layers, batch, seq, heads, kv).
+    """
+    tokens = jax.ShapeDtypeStruct((batch_size, 1), jnp.int32)
+    abstract = jax.eval_shape(
+        lambda t: model.init(jax.random.key(0), t, decode=True)["cache"], tokens)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.meta.unbox(abstract))
+
+
+def count_params(params: Any) -> int:
+    """Total parameter count; accepts boxed or plain trees, of arrays or shape structs."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nn.meta.unbox(params)))
+
+
+def flops_per_token(config: TransformerConfig, seq_len: int) -> float:
+    """Training FLOPs (forward and backward) per token, by the PaLM appendix B convention.
+
+    6·N + 12·num_layers·num_heads·head_dim·seq_len, where N counts the matmul parameters:
+    the attention and MLP kernels of every layer plus the D·V output projection (counted
+    whether or not it is tied to the embedding, since the logits matmul runs either way).
+    N leaves out the input embedding (a gather, no FLOPs) and the norm scales (elementwise).
+    The attention term counts QKᵀ and AV over the full L×L square, ignoring the causal mask,
+    as PaLM does; MFU computed from it is comparable to published numbers.
+    """
+    c = config
+    attention = c.embed_dim * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+    mlp = 3 * c.embed_dim * c.mlp_dim
+    matmul_params = c.num_layers * (attention + mlp) + c.embed_dim * c.vocab_size
+    return 6.0 * matmul_params + 12.0 * c.num_layers * c.num_heads * c.head_dim * seq_len

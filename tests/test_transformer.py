@@ -1,0 +1,213 @@
+"""Invariants of the transformer LM: shapes, causality, GQA, tying, scan, remat, KV cache."""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from scaling.errors import UserError
+from scaling.models.transformer import (
+    Transformer,
+    TransformerConfig,
+    count_params,
+    flops_per_token,
+    init_cache,
+)
+
+TINY = TransformerConfig(vocab_size=37, num_layers=2, embed_dim=16, num_heads=4,
+                         num_kv_heads=2, head_dim=8, mlp_dim=24, max_seq_len=16)
+B, L = 2, 10
+
+
+def tokens(seed: int = 1, length: int = L) -> jax.Array:
+    return jax.random.randint(jax.random.key(seed), (B, length), 0, TINY.vocab_size)
+
+
+@functools.cache  # configs are frozen and hashable; each distinct one is built once
+def init_boxed(config: TransformerConfig):
+    return jax.jit(Transformer(config).init)(jax.random.key(0), tokens())["params"]
+
+
+def init_params(config: TransformerConfig):
+    return nn.meta.unbox(init_boxed(config))
+
+
+def forward(config: TransformerConfig, params, tokens_BL):
+    return jax.jit(Transformer(config).apply)({"params": params}, tokens_BL)
+
+
+def loss(config: TransformerConfig, params, tokens_BL):
+    logits = Transformer(config).apply({"params": params}, tokens_BL[:, :-1])
+    labels = jax.nn.one_hot(tokens_BL[:, 1:], config.vocab_size)
+    return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits), axis=-1))
+
+
+def test_logits_shape_and_dtype():
+    logits = forward(TINY, init_params(TINY), tokens())
+    assert logits.shape == (B, L, TINY.vocab_size)
+    assert logits.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    config = dataclasses.replace(TINY, dtype="bfloat16")
+    params = init_params(config)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    logits = forward(config, params, tokens())
+    assert logits.dtype == jnp.float32
+    reference = forward(TINY, params, tokens())
+    np.testing.assert_allclose(logits, reference, atol=0.1)
+
+
+def test_changing_a_token_leaves_earlier_logits_unchanged():
+    params = init_params(TINY)
+    t = 6
+    original = tokens()
+    changed = original.at[:, t].set((original[:, t] + 1) % TINY.vocab_size)
+    before, after = forward(TINY, params, original), forward(TINY, params, changed)
+    np.testing.assert_array_equal(before[:, :t], after[:, :t])
+    assert not np.allclose(before[:, t:], after[:, t:])
+
+
+def test_grouped_query_attention_has_smaller_key_value_kernels():
+    params = init_params(TINY)["layers"]["attention"]
+    n, D, Dh = TINY.num_layers, TINY.embed_dim, TINY.head_dim
+    assert params["query"].shape == (n, D, TINY.num_heads, Dh)
+    assert params["key"].shape == params["value"].shape == (n, D, TINY.num_kv_heads, Dh)
+    multi_head = dataclasses.replace(TINY, num_kv_heads=TINY.num_heads)
+    assert count_params(init_params(multi_head)) > count_params(init_params(TINY))
+
+
+def test_num_kv_heads_must_divide_num_heads():
+    with pytest.raises(UserError, match="num_kv_heads=3"):
+        dataclasses.replace(TINY, num_kv_heads=3)
+
+
+def test_tied_embeddings_have_no_output_kernel():
+    tied = init_params(TINY)
+    untied = init_params(dataclasses.replace(TINY, tie_embeddings=False))
+    assert "output" not in tied
+    assert untied["output"].shape == (TINY.embed_dim, TINY.vocab_size)
+    assert set(untied) - set(tied) == {"output"}
+    assert count_params(untied) - count_params(tied) == TINY.embed_dim * TINY.vocab_size
+
+
+def test_scanned_layers_have_leading_layers_axis_and_name():
+    boxed = init_boxed(TINY)
+    specs = nn.get_partition_spec(boxed)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(nn.meta.unbox(boxed)):
+        spec = specs
+        for key in path:
+            spec = spec[key.key]
+        is_layer = path[0].key == "layers"
+        if is_layer:
+            assert leaf.shape[0] == TINY.num_layers, path
+        assert (spec[0] == "layers") == is_layer, (path, spec)
+        assert len(spec) == leaf.ndim, (path, spec)
+        assert set(spec) <= {"layers", "embed", "heads", "kv", "mlp", "vocab"}
+
+
+def test_scanned_and_unrolled_layers_compute_the_same_function():
+    scanned = init_params(TINY)
+    unrolled_config = dataclasses.replace(TINY, scan_layers=False)
+    unrolled = {k: v for k, v in scanned.items() if k != "layers"}
+    for i in range(TINY.num_layers):
+        unrolled[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], scanned["layers"])
+    assert jax.tree.structure(unrolled) == jax.tree.structure(init_params(unrolled_config))
+    np.testing.assert_allclose(forward(unrolled_config, unrolled, tokens()),
+                               forward(TINY, scanned, tokens()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy,scan_layers", [("full", True), ("dots", True),
+                                                 ("dots_with_no_batch_dims", True),
+                                                 ("full", False)])
+def test_remat_changes_neither_loss_nor_gradients(policy, scan_layers):
+    base = dataclasses.replace(TINY, scan_layers=scan_layers)
+    params = init_params(base)
+    value_and_grad = lambda c: jax.jit(jax.value_and_grad(  # noqa: E731
+        lambda p: loss(c, p, tokens())))(params)
+    want_loss, want_grads = value_and_grad(base)
+    remat = dataclasses.replace(base, remat_policy=policy)
+    got_loss, got_grads = value_and_grad(remat)
+    assert "remat" in str(jax.make_jaxpr(lambda p: loss(remat, p, tokens()))(params))
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7),
+                 got_grads, want_grads)
+
+
+@pytest.mark.parametrize("num_kv_heads,prefill,scan_layers",
+                         [(2, 1, True), (4, 4, True), (1, 3, True), (2, 2, False)])
+def test_kv_cache_decoding_matches_full_forward(num_kv_heads, prefill, scan_layers):
+    config = dataclasses.replace(TINY, num_kv_heads=num_kv_heads, scan_layers=scan_layers)
+    model = Transformer(config)
+    params = init_params(config)
+    sequence = tokens(seed=2)
+    want = forward(config, params, sequence)
+
+    @jax.jit
+    def step(cache, tokens_BL):
+        logits, variables = model.apply({"params": params, "cache": cache}, tokens_BL,
+                                        decode=True, mutable=["cache"])
+        return variables["cache"], logits
+
+    cache = init_cache(model, B)
+    one_layer = (B, config.max_seq_len, num_kv_heads, config.head_dim)
+    if scan_layers:
+        assert cache["layers"]["attention"]["cached_key"].shape == (config.num_layers,
+                                                                    *one_layer)
+    else:
+        assert cache["layers_1"]["attention"]["cached_value"].shape == one_layer
+    cache, first = step(cache, sequence[:, :prefill])  # several tokens at once
+    pieces = [first]
+    for t in range(prefill, L):
+        cache, logits = step(cache, sequence[:, t:t + 1])
+        pieces.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), want, rtol=1e-5, atol=1e-5)
+    for index in jax.tree.leaves({k: v["attention"]["cache_index"] for k, v in cache.items()}):
+        np.testing.assert_array_equal(index, L)
+
+
+def test_flops_per_token_by_hand():
+    # Per layer: q and out 16·4·8 each, k and v 16·2·8 each, MLP 3·16·24.
+    per_layer = 2 * 512 + 2 * 256 + 1152
+    matmul_params = 2 * per_layer + 16 * 37  # plus the output projection
+    want = 6 * matmul_params + 12 * 2 * 4 * 8 * 10
+    assert flops_per_token(TINY, seq_len=10) == want == 43488
+
+
+def test_count_params_accepts_abstract_and_boxed_trees():
+    abstract = jax.eval_shape(lambda: Transformer(TINY).init(jax.random.key(0), tokens()))
+    n = count_params(abstract)
+    assert n == count_params(init_params(TINY))
+    norms = (2 * TINY.num_layers + 1) * TINY.embed_dim
+    embedding = TINY.vocab_size * TINY.embed_dim
+    matmuls = (flops_per_token(TINY, 0) / 6) - embedding  # output projection is tied
+    assert n == matmuls + embedding + norms
+
+
+def test_logical_constraints_shard_on_a_mesh():
+    devices = np.asarray(jax.devices()[:8])
+    if devices.size < 8:
+        pytest.skip("needs 8 devices")
+    mesh = jax.sharding.Mesh(devices.reshape(4, 2), ("data", "tensor"))
+    rules = (("batch", "data"), ("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"))
+    config = dataclasses.replace(TINY, vocab_size=40)  # divisible by the tensor axis
+    params = init_params(config)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(init_boxed(config)), mesh,
+                                            rules)
+    sharded = jax.device_put(params, shardings)
+    tokens_BL = jnp.tile(tokens(), (2, 1))
+    apply = jax.jit(Transformer(config).apply)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        lowered = apply.lower({"params": sharded}, tokens_BL).as_text()
+        logits = apply({"params": sharded}, tokens_BL)
+    assert "sharding_constraint" in lowered  # the model's logical constraints took effect
+    assert sharded["layers"]["mlp"]["gate"].sharding.spec == P(None, None, "tensor")
+    assert logits.sharding.spec[0] == "data"
+    np.testing.assert_allclose(logits, forward(config, params, tokens_BL), rtol=1e-5,
+                               atol=1e-5)
