@@ -16,7 +16,7 @@ from absl import app, flags, logging
 from scaling import config as config_lib
 from scaling.errors import UserError
 
-MODES = ("train", "eval", "sample")
+MODES = ("train", "eval", "sample", "describe")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("experiment", None,
@@ -33,6 +33,8 @@ flags.DEFINE_float("temperature", None, "--mode=sample: softmax temperature, 0 f
 flags.DEFINE_integer("top_k", None, "--mode=sample: keep the k most likely tokens, 0 for all "
                      "(default: config.sample.top_k).")
 flags.DEFINE_integer("sample_seed", 0, "--mode=sample: the seed; equal seeds give equal text.")
+flags.DEFINE_integer("num_devices", None, "--mode=describe: size the mesh for this many "
+                     "devices instead of the local ones.")
 flags.DEFINE_bool("list", False, "List the experiments with their descriptions, then exit.")
 
 CONFIG_PREFIX = "--config."
@@ -96,11 +98,18 @@ def run(argv: list[str]) -> None:
     if FLAGS.mode not in MODES:
         raise UserError(f"--mode={FLAGS.mode}: expected one of {', '.join(MODES)}")
     config, experiment = config_lib.load_config(FLAGS.experiment, _overrides)
-    workdir = prepare_workdir(FLAGS.workdir, config.experiment)
-    print(f"experiment {config.experiment}, mode {FLAGS.mode}, workdir {workdir}", flush=True)
-
     from scaling import train  # heavy imports only once the command line is known to be good
 
+    if FLAGS.mode == "describe":
+        import jax
+
+        num_devices = FLAGS.num_devices or jax.device_count()
+        if num_devices < 1:
+            raise UserError(f"--num_devices={num_devices}: must be positive")
+        print(train.describe(config, num_devices, experiment))
+        return
+    workdir = prepare_workdir(FLAGS.workdir, config.experiment)
+    print(f"experiment {config.experiment}, mode {FLAGS.mode}, workdir {workdir}", flush=True)
     if FLAGS.mode == "train":
         write_config(config, workdir)
         train.train_and_evaluate(config, workdir, experiment)

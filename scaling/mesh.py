@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from scaling.errors import UserError
 
@@ -58,6 +58,12 @@ def make_mesh(mesh_config: ml_collections.ConfigDict,
         # Topology-aware placement is unavailable (for example for some fake devices).
         device_array = np.asarray(devices).reshape(shape)
     return Mesh(device_array, MESH_AXES)
+
+
+def make_abstract_mesh(mesh_config: ml_collections.ConfigDict, num_devices: int) -> AbstractMesh:
+    """A mesh of `num_devices` that exist only as a shape: enough for shardings and memory."""
+    sizes = resolve_axis_sizes(mesh_config, num_devices)
+    return AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
 
 
 def rules_from_config(config: ml_collections.ConfigDict) -> tuple:

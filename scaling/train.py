@@ -26,7 +26,7 @@ import optax
 from scaling import checkpoint, hardware
 from scaling import mesh as mesh_lib
 from scaling.data import dataset as dataset_lib
-from scaling.data import load_dataset
+from scaling.data import element_spec, load_dataset
 from scaling.errors import UserError
 from scaling.metrics import MetricsWriter, Progress, throughput
 from scaling.models import make_model, training_flops_per_example
@@ -245,6 +245,17 @@ def call_length(step: int, stop: int, steps_per_call: int) -> int:
     if remaining >= steps_per_call:
         return steps_per_call
     return 1 << (remaining.bit_length() - 1)
+
+
+def describe(config: ml_collections.ConfigDict, num_devices: int, experiment=None) -> str:
+    """`--mode=describe`: the state table for a mesh of any size, built from shapes alone."""
+    mesh = mesh_lib.make_abstract_mesh(config.mesh, num_devices)
+    check_batch_divisible(config, mesh, mesh_lib.rules_from_config(config))
+    spec = element_spec(config)
+    run = build_run(config, mesh, spec, num_train=config.batch_size, experiment=experiment)
+    per_step = run.flops_per_example * config.batch_size
+    return (state_table(run.abstract_state, mesh) + "\n"
+            f"training FLOPs per step {per_step:.3e} ({per_step / num_devices:.3e} a device)")
 
 
 def setup(config: ml_collections.ConfigDict, experiment=None, devices=None):

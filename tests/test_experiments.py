@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from scaling import config as config_lib
-from scaling import data, summary
+from scaling import data, summary, train
 from scaling import mesh as mesh_lib
 from scaling.train import build_run
 
@@ -42,3 +42,18 @@ def test_experiment_is_self_contained_and_documented(path):
         names = [a.name for a in node.names] + [getattr(node, "module", "") or ""]
         assert not any(n.startswith("experiments") for n in names), "experiments never import "\
             "each other"
+
+
+def test_lm_8b_reports_memory_per_chip_for_its_documented_mesh():
+    config, module = config_lib.load_config("lm_8b", [])
+    mesh = mesh_lib.make_abstract_mesh(config.mesh, 64)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 16, "tensor": 4}
+    run = build_run(config, mesh, data.element_spec(config), num_train=1, experiment=module)
+    params = summary.parameter_count(run.abstract_state.params)
+    assert 8.0e9 < params < 8.1e9
+    per_chip = summary.bytes_per_device(run.abstract_state.params) + summary.bytes_per_device(
+        run.abstract_state.opt_state)
+    # float32 params plus two AdamW moments, split 64 ways (a few small arrays replicated).
+    assert per_chip == pytest.approx(params * 12 / 64, rel=0.01)
+    table = train.describe(config, 64, module)
+    assert "parameters          8,030,261,248" in table and "fsdp=16, tensor=4" in table

@@ -1,0 +1,86 @@
+"""A 1.2B-parameter Llama-shaped LM (Llama 3.2 1B dimensions), for a TPU slice or a GPU node.
+
+16 layers, width 2048, 32 query and 8 key/value heads of 64, SwiGLU 8192, vocabulary
+128256 with tied embeddings; bfloat16 compute over float32 params, saving matmul outputs.
+
+    python -m scaling.main --experiment=lm_1b --config.data.tokenizer_model=PATH.model
+    python -m scaling.main --experiment=lm_1b --mode=describe --num_devices=16
+
+Hardware: TPU v5p-32 (16 chips) or v5e-16, or 8-16 H100/H200, with the documented mesh
+fsdp=16 and a global batch of 256 sequences of 2048 tokens (0.5M tokens a step).
+Params and AdamW state: 13.8 GiB in all, 0.9 GiB a chip on 16 chips.
+Expected: the loss depends on your corpus and SentencePiece model; this file fixes the shapes.
+On a CPU it builds abstractly (shapes, shardings, a lowered step) without allocating.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    seq_len = 2048
+    return ml_collections.ConfigDict({
+        "seed": 0,
+        "task": "language_modeling",
+        "data": {
+            "name": "tiny_shakespeare",   # the text corpus; see scaling/data/text.py
+            "manual_dir": "",
+            "tfds_data_dir": "",          # e.g. gs://your-bucket/tensorflow_datasets
+            "tokenizer": "sentencepiece",
+            "tokenizer_model": "",        # a SentencePiece .model with <= vocab_size pieces
+            "seq_len": seq_len,
+            "eval_splits": ("validation",),
+        },
+        "model": {
+            "name": "transformer",
+            "vocab_size": 128256,
+            "num_layers": 16,
+            "embed_dim": 2048,
+            "num_heads": 32,
+            "num_kv_heads": 8,
+            "head_dim": 64,
+            "mlp_dim": 8192,
+            "max_seq_len": seq_len,
+            "rope_theta": 500_000.0,
+            "tie_embeddings": True,
+            "dtype": "bfloat16",
+            "param_dtype": "float32",
+            "remat_policy": "dots_with_no_batch_dims",
+        },
+        "optimizer": {
+            "name": "adamw",
+            "learning_rate": 3e-4,
+            "schedule": "warmup_cosine",
+            "warmup_steps": 2000,
+            "final_lr_fraction": 0.1,
+            "b1": 0.9,
+            "b2": 0.95,
+            "eps": 1e-8,
+            "weight_decay": 0.1,
+            "momentum": 0.9,
+            "nesterov": False,
+            "clip_norm": 1.0,
+        },
+        "l2": 0.0,
+        "batch_size": 256,
+        "grad_accum_steps": 1,
+        "eval_batch_size": 256,
+        "num_epochs": 1,
+        "num_steps": 100_000,
+        "steps_per_call": 1,
+        "log_every_steps": 10,
+        "eval_every_steps": 5000,
+        "checkpoint_every_steps": 1000,
+        "keep_checkpoints": 3,
+        "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
+        "sharding_rules": (
+            ("batch", ("data", "fsdp")),
+            ("seq", None),
+            ("embed", "fsdp"),
+            ("heads", "tensor"),
+            ("kv", None),
+            ("mlp", "tensor"),
+            ("vocab", "tensor"),
+            ("layers", None),
+        ),
+        "sample": {"max_new_tokens": 200, "temperature": 0.8, "top_k": 40},
+    })

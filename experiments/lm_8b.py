@@ -1,0 +1,86 @@
+"""An 8B-parameter Llama-shaped LM (Llama 3 8B dimensions), for a TPU pod or a GPU cluster.
+
+32 layers, width 4096, 32 query and 8 key/value heads of 128, SwiGLU 14336, vocabulary
+128256 with an untied output; bfloat16 compute over float32 params, full remat per layer.
+
+    python -m scaling.main --experiment=lm_8b --config.data.tokenizer_model=PATH.model
+    python -m scaling.main --experiment=lm_8b --mode=describe --num_devices=64
+
+Hardware: TPU v5p-128 (64 chips, 95 GiB each) with the documented mesh fsdp=16 x tensor=4
+and a global batch of 512 sequences of 4096 tokens (2M tokens a step); or 8 nodes of 8
+H100/H200 with the same mesh. Params and AdamW state: 89.8 GiB in all, 1.4 GiB a chip.
+Expected: the loss depends on your corpus and SentencePiece model; this file fixes the shapes.
+On a CPU it builds abstractly (shapes, shardings, a lowered step) without allocating.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    seq_len = 4096
+    return ml_collections.ConfigDict({
+        "seed": 0,
+        "task": "language_modeling",
+        "data": {
+            "name": "tiny_shakespeare",   # the text corpus; see scaling/data/text.py
+            "manual_dir": "",
+            "tfds_data_dir": "",          # e.g. gs://your-bucket/tensorflow_datasets
+            "tokenizer": "sentencepiece",
+            "tokenizer_model": "",        # a SentencePiece .model with <= vocab_size pieces
+            "seq_len": seq_len,
+            "eval_splits": ("validation",),
+        },
+        "model": {
+            "name": "transformer",
+            "vocab_size": 128256,
+            "num_layers": 32,
+            "embed_dim": 4096,
+            "num_heads": 32,
+            "num_kv_heads": 8,
+            "head_dim": 128,
+            "mlp_dim": 14336,
+            "max_seq_len": seq_len,
+            "rope_theta": 500_000.0,
+            "tie_embeddings": False,
+            "dtype": "bfloat16",
+            "param_dtype": "float32",
+            "remat_policy": "full",
+        },
+        "optimizer": {
+            "name": "adamw",
+            "learning_rate": 3e-4,
+            "schedule": "warmup_cosine",
+            "warmup_steps": 2000,
+            "final_lr_fraction": 0.1,
+            "b1": 0.9,
+            "b2": 0.95,
+            "eps": 1e-8,
+            "weight_decay": 0.1,
+            "momentum": 0.9,
+            "nesterov": False,
+            "clip_norm": 1.0,
+        },
+        "l2": 0.0,
+        "batch_size": 512,
+        "grad_accum_steps": 1,
+        "eval_batch_size": 512,
+        "num_epochs": 1,
+        "num_steps": 200_000,
+        "steps_per_call": 1,
+        "log_every_steps": 10,
+        "eval_every_steps": 5000,
+        "checkpoint_every_steps": 1000,
+        "keep_checkpoints": 3,
+        "mesh": {"data": 1, "fsdp": -1, "tensor": 4},
+        "sharding_rules": (
+            ("batch", ("data", "fsdp")),
+            ("seq", None),
+            ("embed", "fsdp"),
+            ("heads", "tensor"),
+            ("kv", None),
+            ("mlp", "tensor"),
+            ("vocab", "tensor"),
+            ("layers", None),
+        ),
+        "sample": {"max_new_tokens": 200, "temperature": 0.8, "top_k": 40},
+    })
