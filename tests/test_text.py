@@ -24,7 +24,7 @@ def test_byte_tokenizer_round_trips_unicode():
 
 
 def test_sentencepiece_needs_a_model_file():
-    with pytest.raises(UserError, match="sentencepiece"):
+    with pytest.raises(UserError, match="sentencepiece|tokenizer_model=/no/such/model"):
         make_tokenizer("sentencepiece", "", "/no/such/model")
 
 
@@ -64,3 +64,21 @@ def test_missing_text_lists_the_options(tmp_path):
         "tokenizer": "char", "tokenizer_model": "", "seq_len": 8, "eval_splits": ("test",)})
     with pytest.raises(UserError, match="--config.data.manual_dir=.*input.txt"):
         text.load_text_dataset(config)
+
+
+def test_sentencepiece_model_file_tokenizes_the_corpus(tmp_path, shakespeare_dir):
+    sentencepiece = pytest.importorskip("sentencepiece")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(shakespeare_dir / "input.txt"), model_prefix=str(tmp_path / "sp"),
+        vocab_size=300, model_type="bpe", character_coverage=1.0, minloglevel=2)
+    config = ml_collections.ConfigDict({
+        "name": "tiny_shakespeare", "manual_dir": str(shakespeare_dir), "tfds_data_dir": "",
+        "tokenizer": "sentencepiece", "tokenizer_model": str(tmp_path / "sp.model"),
+        "seq_len": 64, "eval_splits": ("validation", "test")})
+    data = text.load_text_dataset(config)
+    assert data.tokenizer.vocab_size == 300
+    assert data.train["tokens"].max() < 300
+    # Subword pieces pack several characters per token.
+    assert data.train["tokens"].shape[0] * 64 < 1003854 / 2
+    assert data.tokenizer.decode(data.tokenizer.encode("ROMEO: hello")) == "ROMEO: hello"
+    assert set(data.eval_splits) == {"validation", "test"}
