@@ -38,12 +38,16 @@ def _classification_loss(logits, batch):
     return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
 
 
-def _classification_sums(logits, batch):
-    labels, mask = batch["label"], batch["mask"]
+def weighted_sums(logits, labels, weights):
+    """Cross-entropy and correct predictions summed with per-label weights (0 = padding)."""
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = jnp.argmax(logits, -1) == labels
-    return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask),
-            "count": jnp.sum(mask)}
+    return {"loss_sum": jnp.sum(losses * weights), "correct": jnp.sum(correct * weights),
+            "count": jnp.sum(weights)}
+
+
+def _classification_sums(logits, batch):
+    return weighted_sums(logits, batch["label"], batch["mask"])
 
 
 def _classification_summary(sums):
@@ -64,22 +68,15 @@ def _next_token_inputs(batch):
 
 def _lm_loss(logits, batch):
     targets = batch["tokens"][:, 1:]
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    weights = batch.get("weights")
-    if weights is None:
-        weights = jnp.ones_like(losses)
-    total = jnp.maximum(jnp.sum(weights), 1.0)
-    correct = (jnp.argmax(logits, -1) == targets) * weights
-    return jnp.sum(losses * weights) / total, {"accuracy": jnp.sum(correct) / total}
+    weights = batch.get("weights", jnp.ones(targets.shape, jnp.float32))
+    sums = weighted_sums(logits, targets, weights)
+    total = jnp.maximum(sums["count"], 1.0)
+    return sums["loss_sum"] / total, {"accuracy": sums["correct"] / total}
 
 
 def _lm_sums(logits, batch):
-    targets = batch["tokens"][:, 1:]
     weights = batch["weights"] * batch["mask"][:, None]
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    correct = jnp.argmax(logits, -1) == targets
-    return {"loss_sum": jnp.sum(losses * weights), "correct": jnp.sum(correct * weights),
-            "count": jnp.sum(weights)}
+    return weighted_sums(logits, batch["tokens"][:, 1:], weights)
 
 
 def _lm_summary(sums):
