@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
         "steps_per_call": 64,        # training steps per compiled call
         "log_every_steps": 100,
         "eval_every_steps": -1,      # -1: once per epoch
-        "checkpoint_every_steps": -1,  # -1: once per epoch
+        "checkpoint_every_steps": 1000,  # -1: once per epoch; the last step is always saved
         "keep_checkpoints": 3,
         "mesh": {"data": -1, "fsdp": 1, "tensor": 1},  # -1: all remaining devices
         "sharding_rules": (

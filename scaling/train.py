@@ -223,13 +223,15 @@ def put_chunk(run: Run, chunk: dict[str, np.ndarray]) -> dict[str, jax.Array]:
             for k, v in chunk.items()}
 
 
-def evaluate(run: Run, params, dataset: dataset_lib.ArrayDataset) -> dict[str, dict[str, float]]:
-    results = {}
-    for split, data in dataset.eval_splits.items():
-        chunk = dataset_lib.eval_chunk(data, run.config.eval_batch_size)
-        sums = jax.device_get(run.evaluate_chunk(params, put_chunk(run, chunk)))
-        results[split] = run.task.summarize(sums)
-    return results
+def put_eval_splits(run: Run, dataset: dataset_lib.ArrayDataset) -> dict[str, dict]:
+    """Every eval split, padded and placed on the devices once for the whole run."""
+    return {split: put_chunk(run, dataset_lib.eval_chunk(data, run.config.eval_batch_size))
+            for split, data in dataset.eval_splits.items()}
+
+
+def evaluate(run: Run, params, eval_splits: dict[str, dict]) -> dict[str, dict[str, float]]:
+    return {split: run.task.summarize(jax.device_get(run.evaluate_chunk(params, chunk)))
+            for split, chunk in eval_splits.items()}
 
 
 def every(value: int, default: int) -> int:
@@ -291,6 +293,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, experim
     eval_every = every(config.eval_every_steps, run.steps_per_epoch)
     checkpoint_every = every(config.checkpoint_every_steps, run.steps_per_epoch)
     logger = _StepLogger(writer, progress, run, config)
+    eval_splits = put_eval_splits(run, dataset)
 
     pending = None
     while step < run.total_steps:
@@ -310,10 +313,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, experim
             if step % checkpoint_every == 0 or step == run.total_steps:
                 checkpoint.save(manager, state)
             if step % eval_every == 0 and step != run.total_steps:
-                _write_eval(writer, progress, step, evaluate(run, state.params, dataset))
+                _write_eval(writer, progress, step, evaluate(run, state.params, eval_splits))
             logger.pause()
 
-    results = evaluate(run, state.params, dataset)
+    results = evaluate(run, state.params, eval_splits)
     _write_eval(writer, progress, step, results)
     checkpoint.save(manager, state)
     manager.wait_until_finished()
@@ -336,7 +339,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: Path, experi
     step = int(jax.device_get(state.step))
     writer = MetricsWriter(workdir, resume_step=2**62)
     progress = Progress(run.total_steps)
-    results = evaluate(run, state.params, dataset)
+    results = evaluate(run, state.params, put_eval_splits(run, dataset))
     _write_eval(writer, progress, step, results)
     writer.close()
     manager.close()

@@ -14,6 +14,7 @@ same examples as the IDX files in a different order, and the same seed gives dif
 from __future__ import annotations
 
 import gzip
+import logging
 import socket
 import struct
 from pathlib import Path
@@ -125,6 +126,9 @@ def load_tfds(name: str, data_dir: str | None, download: bool) -> ArrayDataset:
 
 def tfds_prepared_format(name: str, data_dir: str | None) -> str | None:
     """The file format of a prepared TFDS copy ("tfrecord", "array_record", ...), or None."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # an unprepared folder is expected here, not a warning
     try:
         import tensorflow_datasets as tfds
 
@@ -132,6 +136,8 @@ def tfds_prepared_format(name: str, data_dir: str | None) -> str | None:
         return builder.info.file_format.value if builder.is_prepared() else None
     except Exception:
         return None
+    finally:
+        absl_logger.setLevel(level)
 
 
 def tfds_is_prepared(name: str, data_dir: str | None) -> bool:

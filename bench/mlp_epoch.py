@@ -1,0 +1,252 @@
+"""Steady-state epoch time of the Fashion-MNIST MLP: the framework against plain loops.
+
+The framework's loop (chunked `lax.scan` calls, sharded batches, per-epoch eval and async
+checkpoints) should cost a small model at most 10% over what a user would write by hand. This
+measures that in one process on one machine, so the numbers are comparable:
+
+    python bench/mlp_epoch.py [--epochs=N] [--json=PATH]
+
+(a) the framework through its real path, timed from the wall-clock `time` of the per-epoch
+    test records in metrics.jsonl, so eval and checkpointing count;
+(b) a minimal hand-written `jax.jit` loop, one step per call with donated state;
+(c) an idiomatic PyTorch loop, if torch is installed.
+
+Epoch 1 includes compilation (and warm-up), so each figure is the median of epochs 2..N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import scaling.config
+import scaling.metrics
+import scaling.train
+from scaling.data.images import read_idx
+
+DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
+BATCH_SIZE = 128
+LEARNING_RATE = 1e-3
+ADAM_EPS = 1e-7
+HIDDEN = 128
+NUM_CLASSES = 10
+TARGET_RATIO = 1.1  # framework epoch time over the hand-written loop's, at most
+BUSY_SHARE = 0.05  # share of the machine used by other processes that distorts the timings
+
+
+def load_arrays() -> dict[str, np.ndarray]:
+    """Float32 pixels in [0, 1] and int labels, as the hand-written loops would load them."""
+    def images(name: str) -> np.ndarray:
+        pixels = read_idx(DATA_DIR / name)
+        return (pixels.reshape(len(pixels), -1) / np.float32(255.0)).astype(np.float32)
+
+    def labels(name: str) -> np.ndarray:
+        return read_idx(DATA_DIR / name).astype(np.int64)
+
+    return {"train_x": images("train-images-idx3-ubyte.gz"),
+            "train_y": labels("train-labels-idx1-ubyte.gz"),
+            "test_x": images("t10k-images-idx3-ubyte.gz"),
+            "test_y": labels("t10k-labels-idx1-ubyte.gz")}
+
+
+def cpu_seconds() -> tuple[float, float, float] | None:
+    """Wall time, CPU time of the whole machine and of this process, for `others_share`.
+
+    The load average would also count this benchmark and the runs before it; /proc/stat
+    minus our own usage says what other processes took. None where /proc is missing.
+    """
+    try:
+        with open("/proc/stat") as f:
+            jiffies = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    busy = sum(jiffies) - jiffies[3] - jiffies[4]  # everything but idle and iowait
+    own = os.times()
+    return time.time(), busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def others_share(start: tuple[float, float, float] | None) -> float | None:
+    """Fraction of all cores that other processes used since `start`."""
+    end = cpu_seconds()
+    if start is None or end is None:
+        return None
+    wall, machine, own = (e - s for e, s in zip(end, start, strict=True))
+    return max(machine - own, 0.0) / (wall * (os.cpu_count() or 1))
+
+
+def median_after_first(epoch_seconds: list[float]) -> float:
+    """Epoch 1 pays for compilation; steady state is everything after it."""
+    return statistics.median(epoch_seconds[1:])
+
+
+def bench_framework(epochs: int) -> dict:
+    """The real `train_and_evaluate`, timed from the test records it writes every epoch."""
+    config, module = scaling.config.load_config("fashion_mnist_mlp", [f"num_epochs={epochs}"])
+    with tempfile.TemporaryDirectory() as workdir:
+        start = time.time()
+        with contextlib.redirect_stdout(io.StringIO()):  # keep the table readable
+            results = scaling.train.train_and_evaluate(config, Path(workdir), module)
+        end = time.time()
+        records = scaling.metrics.read_metrics(Path(workdir))
+    test_times = [r["time"] for r in records if r["split"] == "test"]
+    if len(test_times) != epochs:
+        raise RuntimeError(f"expected {epochs} test records, found {len(test_times)}")
+    epoch_seconds = np.diff([start] + test_times).tolist()
+    return {"epoch_seconds": epoch_seconds, "total_seconds": end - start,
+            "test_accuracy": results["test"]["accuracy"]}
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.relu(nn.Dense(HIDDEN)(x))
+        x = nn.relu(nn.Dense(HIDDEN)(x))
+        return nn.Dense(NUM_CLASSES)(x)
+
+
+def bench_jax(data: dict[str, np.ndarray], epochs: int) -> dict:
+    """What a competent user writes: data on device, one jitted, donating step per batch."""
+    model = MLP()
+    tx = optax.adam(LEARNING_RATE, eps=ADAM_EPS)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 784)))["params"]
+    opt_state = tx.init(params)
+    train_x, train_y = jax.device_put(data["train_x"]), jax.device_put(data["train_y"])
+    num_examples = len(data["train_x"])
+    steps = num_examples // BATCH_SIZE
+
+    def loss_fn(params, x, y):
+        logits = model.apply({"params": params}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    @jax.jit(donate_argnums=(0, 1))
+    def train_step(params, opt_state, train_x, train_y, batch_indices, step):
+        index = batch_indices[step]
+        loss, grads = jax.value_and_grad(loss_fn)(params, train_x[index], train_y[index])
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    rng = np.random.default_rng(0)
+    epoch_seconds = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        order = rng.permutation(num_examples)[:steps * BATCH_SIZE].astype(np.int32)
+        batch_indices = jax.device_put(order.reshape(steps, BATCH_SIZE))
+        for step in range(steps):
+            params, opt_state, loss = train_step(params, opt_state, train_x, train_y,
+                                                 batch_indices, step)
+        jax.block_until_ready((params, opt_state, loss))
+        epoch_seconds.append(time.perf_counter() - start)
+
+    logits = jax.jit(model.apply)({"params": params}, data["test_x"])
+    accuracy = float(jnp.mean(jnp.argmax(logits, -1) == data["test_y"]))
+    return {"epoch_seconds": epoch_seconds, "test_accuracy": accuracy}
+
+
+def bench_torch(data: dict[str, np.ndarray], epochs: int) -> dict | None:
+    """The loop from the PyTorch tutorials, on all cores; None when torch is not installed."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(784, HIDDEN), torch.nn.ReLU(),
+        torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.ReLU(),
+        torch.nn.Linear(HIDDEN, NUM_CLASSES))
+    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE, eps=ADAM_EPS)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    train_x, train_y = torch.from_numpy(data["train_x"]), torch.from_numpy(data["train_y"])
+    steps = len(train_x) // BATCH_SIZE
+
+    epoch_seconds = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(train_x))
+        for step in range(steps):
+            index = order[step * BATCH_SIZE:(step + 1) * BATCH_SIZE]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(train_x[index]), train_y[index])
+            loss.backward()
+            optimizer.step()
+        epoch_seconds.append(time.perf_counter() - start)
+
+    model.eval()
+    with torch.no_grad():
+        predictions = model(torch.from_numpy(data["test_x"])).argmax(-1)
+    accuracy = float((predictions == torch.from_numpy(data["test_y"])).float().mean())
+    return {"epoch_seconds": epoch_seconds, "test_accuracy": accuracy}
+
+
+def report(results: dict[str, dict], examples_per_epoch: int) -> None:
+    framework = results["framework"]["median_epoch_seconds"]
+    print(f"{'name':<12} {'epoch s':>8} {'examples/s':>11} {'vs framework':>13} "
+          f"{'test acc':>9}  epochs (s)")
+    for name, result in results.items():
+        seconds = result["median_epoch_seconds"]
+        epochs = " ".join(f"{s:.2f}" for s in result["epoch_seconds"])
+        print(f"{name:<12} {seconds:>8.3f} {examples_per_epoch / seconds:>11,.0f} "
+              f"{seconds / framework:>12.2f}x {result['test_accuracy']:>9.4f}  {epochs}")
+    ratio = framework / results["jax"]["median_epoch_seconds"]
+    verdict = "ok" if ratio <= TARGET_RATIO else "OVER TARGET"
+    print(f"framework / hand-written jax: {ratio:.2f}x epoch time "
+          f"(target <= {TARGET_RATIO}) {verdict}")
+    if "pytorch" in results:
+        print(f"pytorch / framework: {results['pytorch']['median_epoch_seconds'] / framework:.2f}x")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per contender (>= 2)")
+    parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    args = parser.parse_args(argv)
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2: epoch 1 includes compilation")
+
+    start = cpu_seconds()
+    data = load_arrays()
+    examples_per_epoch = len(data["train_x"]) // BATCH_SIZE * BATCH_SIZE
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); "
+          f"{args.epochs} epochs each; {examples_per_epoch} examples per epoch", flush=True)
+
+    results = {"framework": bench_framework(args.epochs), "jax": bench_jax(data, args.epochs)}
+    torch_result = bench_torch(data, args.epochs)
+    if torch_result is None:
+        print("pytorch: skipped (torch is not installed)")
+    else:
+        results["pytorch"] = torch_result
+    for result in results.values():
+        result["median_epoch_seconds"] = median_after_first(result["epoch_seconds"])
+    report(results, examples_per_epoch)
+    share = others_share(start)
+    if share is not None:
+        print(f"other processes used {share:.0%} of the CPU during the benchmark")
+        if share > BUSY_SHARE:
+            print("warning: the machine was shared, so epoch times and ratios are noisy "
+                  "(PyTorch's OpenMP threads suffer most); rerun on a quiet machine")
+
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"epochs": args.epochs, "batch_size": BATCH_SIZE,
+                                         "examples_per_epoch": examples_per_epoch,
+                                         "others_cpu_share": share,
+                                         "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
