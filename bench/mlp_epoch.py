@@ -6,8 +6,10 @@ measures that in one process on one machine, so the numbers are comparable:
 
     python bench/mlp_epoch.py [--epochs=N] [--json=PATH]
 
-(a) the framework through its real path, timed from the wall-clock `time` of the per-epoch
-    test records in metrics.jsonl, so eval and checkpointing count;
+(a) the framework through its real path, timed from the wall-clock `time` of its records in
+    metrics.jsonl: once doing the hand-written loop's work (training; eval and checkpoint
+    only at the end), and once as the experiment ships ("fw recipe": a test-set eval every
+    epoch and an async checkpoint every 1000 steps);
 (b) a minimal hand-written `jax.jit` loop, one step per call with donated state;
 (c) an idiomatic PyTorch loop, if torch is installed.
 
@@ -93,19 +95,31 @@ def median_after_first(epoch_seconds: list[float]) -> float:
     return statistics.median(epoch_seconds[1:])
 
 
-def bench_framework(epochs: int) -> dict:
-    """The real `train_and_evaluate`, timed from the test records it writes every epoch."""
-    config, module = scaling.config.load_config("fashion_mnist_mlp", [f"num_epochs={epochs}"])
+def bench_framework(epochs: int, recipe: bool) -> dict:
+    """The real `train_and_evaluate`, timed from the records it writes every epoch.
+
+    With `recipe`, the experiment runs as shipped: a test-set evaluation every epoch and a
+    checkpoint every 1000 steps, timed from the test records. Without it, the loop does the
+    same work as the hand-written one (evaluation and checkpoint only at the end), timed from
+    one train record per epoch.
+    """
+    steps_per_epoch = 60000 // BATCH_SIZE
+    overrides = [f"num_epochs={epochs}"]
+    if not recipe:
+        overrides += [f"log_every_steps={steps_per_epoch}", "eval_every_steps=1000000000",
+                      "checkpoint_every_steps=1000000000"]
+    config, module = scaling.config.load_config("fashion_mnist_mlp", overrides)
     with tempfile.TemporaryDirectory() as workdir:
         start = time.time()
         with contextlib.redirect_stdout(io.StringIO()):  # keep the table readable
             results = scaling.train.train_and_evaluate(config, Path(workdir), module)
         end = time.time()
         records = scaling.metrics.read_metrics(Path(workdir))
-    test_times = [r["time"] for r in records if r["split"] == "test"]
-    if len(test_times) != epochs:
-        raise RuntimeError(f"expected {epochs} test records, found {len(test_times)}")
-    epoch_seconds = np.diff([start] + test_times).tolist()
+    split = "test" if recipe else "train"
+    times = [r["time"] for r in records if r["split"] == split]
+    if len(times) != epochs:
+        raise RuntimeError(f"expected {epochs} {split} records, found {len(times)}")
+    epoch_seconds = np.diff([start] + times).tolist()
     return {"epoch_seconds": epoch_seconds, "total_seconds": end - start,
             "test_accuracy": results["test"]["accuracy"]}
 
@@ -204,15 +218,18 @@ def report(results: dict[str, dict], examples_per_epoch: int) -> None:
               f"{seconds / framework:>12.2f}x {result['test_accuracy']:>9.4f}  {epochs}")
     ratio = framework / results["jax"]["median_epoch_seconds"]
     verdict = "ok" if ratio <= TARGET_RATIO else "OVER TARGET"
-    print(f"framework / hand-written jax: {ratio:.2f}x epoch time "
+    print(f"framework / hand-written jax: {ratio:.2f}x epoch time, same work "
           f"(target <= {TARGET_RATIO}) {verdict}")
+    recipe = results["fw recipe"]["median_epoch_seconds"] / results["jax"]["median_epoch_seconds"]
+    print(f"framework with its per-epoch test eval and checkpoints / hand-written jax: "
+          f"{recipe:.2f}x")
     if "pytorch" in results:
         print(f"pytorch / framework: {results['pytorch']['median_epoch_seconds'] / framework:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=4, help="epochs per contender (>= 2)")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs per contender (>= 2)")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args(argv)
     if args.epochs < 2:
@@ -224,7 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); "
           f"{args.epochs} epochs each; {examples_per_epoch} examples per epoch", flush=True)
 
-    results = {"framework": bench_framework(args.epochs), "jax": bench_jax(data, args.epochs)}
+    results = {"framework": bench_framework(args.epochs, recipe=False),
+               "fw recipe": bench_framework(args.epochs, recipe=True),
+               "jax": bench_jax(data, args.epochs)}
     torch_result = bench_torch(data, args.epochs)
     if torch_result is None:
         print("pytorch: skipped (torch is not installed)")
