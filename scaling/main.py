@@ -35,6 +35,12 @@ flags.DEFINE_integer("top_k", None, "--mode=sample: keep the k most likely token
 flags.DEFINE_integer("sample_seed", 0, "--mode=sample: the seed; equal seeds give equal text.")
 flags.DEFINE_integer("num_devices", None, "--mode=describe: size the mesh for this many "
                      "devices instead of the local ones.")
+flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0. "
+                    "Not needed on TPU pods or under SLURM, where it is detected.")
+flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes in all.")
+flags.DEFINE_integer("process_id", None, "Multi-process: this process's id, from 0.")
+flags.DEFINE_integer("distributed_timeout", 120, "Multi-process: seconds to wait for the "
+                     "others at start-up, and before a lost process fails the rest.")
 flags.DEFINE_bool("list", False, "List the experiments with their descriptions, then exit.")
 
 CONFIG_PREFIX = "--config."
@@ -98,7 +104,10 @@ def run(argv: list[str]) -> None:
     if FLAGS.mode not in MODES:
         raise UserError(f"--mode={FLAGS.mode}: expected one of {', '.join(MODES)}")
     config, experiment = config_lib.load_config(FLAGS.experiment, _overrides)
-    from scaling import train  # heavy imports only once the command line is known to be good
+    from scaling import distributed, train  # heavy imports once the command line is good
+
+    setup = distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                   FLAGS.process_id, FLAGS.distributed_timeout)
 
     if FLAGS.mode == "describe":
         import jax
@@ -109,9 +118,13 @@ def run(argv: list[str]) -> None:
         print(train.describe(config, num_devices, experiment))
         return
     workdir = prepare_workdir(FLAGS.workdir, config.experiment)
-    print(f"experiment {config.experiment}, mode {FLAGS.mode}, workdir {workdir}", flush=True)
+    print(f"experiment {config.experiment}, mode {FLAGS.mode}, workdir {workdir}, {setup}",
+          flush=True)
     if FLAGS.mode == "train":
-        write_config(config, workdir)
+        import jax
+
+        if jax.process_index() == 0:
+            write_config(config, workdir)
         train.train_and_evaluate(config, workdir, experiment)
     elif FLAGS.mode == "eval":
         results = train.evaluate_checkpoint(config, workdir, experiment)

@@ -219,8 +219,22 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
 def put_chunk(run: Run, chunk: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Host arrays of shape (k, batch, ...) to global arrays sharded along the batch."""
     sharding = mesh_lib.batch_sharding(run.mesh, run.rules, leading_dims=1)
-    return {k: jax.make_array_from_process_local_data(sharding, v, v.shape)
+    return {k: jax.make_array_from_callback(v.shape, sharding, v.__getitem__)
             for k, v in chunk.items()}
+
+
+def put_train_chunk(run: Run, data: dict[str, np.ndarray], start_step: int,
+                    num_steps: int) -> dict[str, jax.Array]:
+    """The global batches of `num_steps` steps, each process gathering only the rows that its
+    own devices hold, so no host ever builds a whole global batch."""
+    config = run.config
+    num_examples = len(next(iter(data.values())))
+    indices = dataset_lib.train_chunk_indices(config.seed, start_step, num_steps,
+                                              config.batch_size, num_examples)
+    sharding = mesh_lib.batch_sharding(run.mesh, run.rules, leading_dims=1)
+    return {k: jax.make_array_from_callback(indices.shape + v.shape[1:], sharding,
+                                            lambda index, v=v: v[indices[index[:2]]])
+            for k, v in data.items()}
 
 
 def put_eval_splits(run: Run, dataset: dataset_lib.ArrayDataset) -> dict[str, dict]:
@@ -300,9 +314,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, experim
         stop = min(run.total_steps, _next_multiple(step, eval_every),
                    _next_multiple(step, checkpoint_every))
         num_steps = call_length(step, stop, config.steps_per_call)
-        chunk = dataset_lib.train_chunk(dataset.train, config.seed, step, num_steps,
-                                        config.batch_size)
-        state, metrics = run.train_steps(state, put_chunk(run, chunk))
+        chunk = put_train_chunk(run, dataset.train, step, num_steps)
+        state, metrics = run.train_steps(state, chunk)
         if pending is not None:
             logger.log(*pending)  # the previous call's metrics, while this call runs
         pending = (step, metrics)

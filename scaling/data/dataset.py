@@ -50,12 +50,18 @@ def train_indices(seed: int, step: int, batch_size: int, num_examples: int) -> n
     return permutation[position * batch_size:(position + 1) * batch_size]
 
 
+def train_chunk_indices(seed: int, start_step: int, num_steps: int, batch_size: int,
+                        num_examples: int) -> np.ndarray:
+    """(num_steps, batch_size) example indices: the global batches, whoever loads them."""
+    return np.stack([train_indices(seed, s, batch_size, num_examples)
+                     for s in range(start_step, start_step + num_steps)])
+
+
 def train_chunk(data: Batch, seed: int, start_step: int, num_steps: int,
                 batch_size: int) -> Batch:
     """Batches for steps [start_step, start_step + num_steps), stacked on a leading axis."""
     num_examples = len(next(iter(data.values())))
-    indices = np.stack([train_indices(seed, s, batch_size, num_examples)
-                        for s in range(start_step, start_step + num_steps)])
+    indices = train_chunk_indices(seed, start_step, num_steps, batch_size, num_examples)
     return {key: value[indices] for key, value in data.items()}
 
 

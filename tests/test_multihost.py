@@ -1,0 +1,103 @@
+"""Several processes on one machine, as a double of a multi-host pod, through launch/local.py."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO
+
+from scaling.metrics import read_metrics
+
+LAUNCHER = REPO / "launch" / "local.py"
+COMMON = ["--experiment=fashion_mnist_mlp", "--config.log_every_steps=1",
+          "--config.steps_per_call=4", "--config.eval_every_steps=1000000",
+          "--config.checkpoint_every_steps=10"]
+
+
+def launch(workdir, num_processes, devices_per_process, *args, timeout=30):
+    result = subprocess.run(
+        [sys.executable, str(LAUNCHER), f"--num_processes={num_processes}",
+         f"--devices_per_process={devices_per_process}", f"--timeout={timeout}", "--",
+         *COMMON, f"--workdir={workdir}", *args],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def train_losses(workdir):
+    return {r["step"]: r["loss"] for r in read_metrics(workdir) if r["split"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, fashion_mnist_available):
+    workdir = tmp_path_factory.mktemp("one_by_eight")
+    launch(workdir, 1, 8, "--config.num_steps=20")
+    return train_losses(workdir)
+
+
+def test_two_processes_see_the_same_batches_as_one(tmp_path, straight_run):
+    result = launch(tmp_path, 2, 4, "--config.num_steps=20")
+    assert "process 0 of 2" in result.stdout
+    assert "[1] " in result.stdout and "[1] step" not in result.stdout  # only process 0 logs
+    losses = train_losses(tmp_path)
+    assert sorted(losses) == list(range(1, 21))
+    for step, loss in straight_run.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-5), step
+    assert "test loss" in result.stdout
+
+
+@pytest.mark.parametrize("first, second", [((2, 4), (1, 8)), ((1, 8), (2, 4))],
+                         ids=["2x4 then 1x8", "1x8 then 2x4"])
+def test_checkpoints_restore_under_another_process_count(tmp_path, straight_run, first,
+                                                         second):
+    launch(tmp_path, *first, "--config.num_steps=10")
+    result = launch(tmp_path, *second, "--config.num_steps=20")
+    assert "resumed at step 10" in result.stdout
+    losses = train_losses(tmp_path)
+    assert sorted(losses) == list(range(1, 21))
+    for step, loss in straight_run.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-5), step
+
+
+def test_a_dead_process_fails_the_other_within_the_timeout(tmp_path, fashion_mnist_available):
+    sys.path.insert(0, str(LAUNCHER.parent))
+    import local
+
+    timeout = 10
+    commands = local.commands(2, local.free_port(), timeout, [
+        "--experiment=fashion_mnist_mlp", f"--workdir={tmp_path}", "--config.num_steps=1000000",
+        "--config.eval_every_steps=1000000000", "--config.checkpoint_every_steps=1000000000"])
+    processes = [subprocess.Popen(cmd, env=local.environment(4), cwd=REPO,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for cmd in commands]
+    deadline = time.time() + 120
+    while not (tmp_path / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    while (tmp_path / "metrics.jsonl").stat().st_size == 0 and time.time() < deadline:
+        time.sleep(0.1)  # both are training now
+    processes[1].kill()
+    killed_at = time.time()
+    try:
+        _, stderr = processes[0].communicate(timeout=timeout + 30)
+    finally:
+        for process in processes:
+            process.kill()
+    assert processes[0].returncode != 0
+    assert time.time() - killed_at < timeout + 30
+    assert "another task died" in stderr
+
+
+def test_dry_run_prints_each_process_command():
+    result = subprocess.run(
+        [sys.executable, str(LAUNCHER), "--num_processes=2", "--devices_per_process=4",
+         "--port=12345", "--timeout=9", "--dry_run", "--", "--experiment=mnist_mlp",
+         "--config.model.hidden_sizes=(64, 64)", "--workdir=/tmp/a b;rm -rf ~"],
+        capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines == [
+        f"XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu {sys.executable}"
+        f" -m scaling.main --experiment=mnist_mlp '--config.model.hidden_sizes=(64, 64)' "
+        f"'--workdir=/tmp/a b;rm -rf ~' --coordinator_address=127.0.0.1:12345 "
+        f"--num_processes=2 --process_id={i} --distributed_timeout=9" for i in range(2)]
