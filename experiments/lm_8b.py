@@ -71,7 +71,11 @@ def get_config() -> ml_collections.ConfigDict:
         "eval_every_steps": 5000,
         "checkpoint_every_steps": 1000,
         "keep_checkpoints": 3,
-        "mesh": {"data": 1, "fsdp": -1, "tensor": 4},
+        "mesh": {
+            "data": 1, "fsdp": -1, "tensor": 4,
+            # Across TPU slices (multi-slice over DCN); each axis is ICI size x DCN size.
+            "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1,
+        },
         "sharding_rules": (
             ("batch", ("data", "fsdp")),
             ("seq", None),

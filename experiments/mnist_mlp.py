@@ -56,7 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
         "eval_every_steps": -1,      # -1: once per epoch
         "checkpoint_every_steps": 1000,  # -1: once per epoch; the last step is always saved
         "keep_checkpoints": 3,
-        "mesh": {"data": -1, "fsdp": 1, "tensor": 1},  # -1: all remaining devices
+        "mesh": {
+            "data": -1, "fsdp": 1, "tensor": 1,  # -1: all remaining devices
+            # Across TPU slices (multi-slice over DCN); each axis is ICI size x DCN size.
+            "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1,
+        },
         "sharding_rules": (
             ("batch", ("data", "fsdp")),
             ("embed", "fsdp"),

@@ -74,7 +74,11 @@ def get_config() -> ml_collections.ConfigDict:
         "eval_every_steps": 250,
         "checkpoint_every_steps": 250,
         "keep_checkpoints": 2,
-        "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+        "mesh": {
+            "data": -1, "fsdp": 1, "tensor": 1,
+            # Across TPU slices (multi-slice over DCN); each axis is ICI size x DCN size.
+            "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1,
+        },
         "sharding_rules": (
             ("batch", ("data", "fsdp")),
             ("seq", None),

@@ -46,24 +46,59 @@ def resolve_axis_sizes(mesh_config: ml_collections.ConfigDict, num_devices: int)
     return sizes
 
 
+def dcn_sizes(mesh_config: ml_collections.ConfigDict) -> dict:
+    """Per-axis parallelism across slices (data-centre network); 1 everywhere in one slice."""
+    sizes = {axis: int(mesh_config.get(f"dcn_{axis}", 1)) for axis in MESH_AXES}
+    for axis, size in sizes.items():
+        if size < 1:
+            raise UserError(f"--config.mesh.dcn_{axis}={size}: must be positive")
+    return sizes
+
+
+def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[dict, dict]:
+    """(ICI sizes within a slice, DCN sizes across slices) that cover `num_devices`."""
+    dcn = dcn_sizes(mesh_config)
+    num_slices = math.prod(dcn.values())
+    if num_devices % num_slices:
+        raise UserError(f"--config.mesh.dcn_*: {num_slices} slices do not divide the "
+                        f"{num_devices} available devices")
+    return resolve_axis_sizes(mesh_config, num_devices // num_slices), dcn
+
+
 def make_mesh(mesh_config: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh over all devices, laid out so the innermost axes get the fastest links."""
+    """A mesh over all devices, laid out so the innermost axes get the fastest links.
+
+    With DCN parallelism it is a hybrid mesh: each mesh axis is ICI size × DCN size, and the
+    DCN part spans slices (TPU multi-slice) or, where devices carry no slice, processes.
+    """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = resolve_axis_sizes(mesh_config, len(devices))
-    shape = tuple(sizes[a] for a in MESH_AXES)
+    ici, dcn = mesh_shape(mesh_config, len(devices))
+    ici_shape = tuple(ici[a] for a in MESH_AXES)
+    if math.prod(dcn.values()) > 1:
+        slices = {getattr(d, "slice_index", 0) for d in devices}
+        granules = len(slices) if len(slices) > 1 else len({d.process_index for d in devices})
+        num_slices = math.prod(dcn.values())
+        if granules != num_slices:
+            raise UserError(
+                f"--config.mesh.dcn_*: the DCN axes multiply to {num_slices} slices, but this "
+                f"run has {granules} {'slices' if len(slices) > 1 else 'processes'}")
+        device_array = mesh_utils.create_hybrid_device_mesh(
+            ici_shape, tuple(dcn[a] for a in MESH_AXES), devices,
+            process_is_granule=len(slices) == 1)
+        return Mesh(device_array, MESH_AXES)
     try:
-        device_array = mesh_utils.create_device_mesh(shape, devices=devices)
+        device_array = mesh_utils.create_device_mesh(ici_shape, devices=devices)
     except (ValueError, NotImplementedError, AssertionError):
         # Topology-aware placement is unavailable (for example for some fake devices).
-        device_array = np.asarray(devices).reshape(shape)
+        device_array = np.asarray(devices).reshape(ici_shape)
     return Mesh(device_array, MESH_AXES)
 
 
 def make_abstract_mesh(mesh_config: ml_collections.ConfigDict, num_devices: int) -> AbstractMesh:
     """A mesh of `num_devices` that exist only as a shape: enough for shardings and memory."""
-    sizes = resolve_axis_sizes(mesh_config, num_devices)
-    return AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
+    ici, dcn = mesh_shape(mesh_config, num_devices)
+    return AbstractMesh(tuple(ici[a] * dcn[a] for a in MESH_AXES), MESH_AXES)
 
 
 def rules_from_config(config: ml_collections.ConfigDict) -> tuple:

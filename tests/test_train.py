@@ -139,3 +139,9 @@ def test_accumulation_must_split_the_batch(tiny_idx_dir):
     config, module = tiny_config(tiny_idx_dir, "grad_accum_steps=3")
     with pytest.raises(UserError, match="--config.grad_accum_steps=3"):
         train.setup(config, module)
+
+
+def test_dcn_axes_need_as_many_slices(tiny_idx_dir):
+    config, module = tiny_config(tiny_idx_dir, "mesh.dcn_data=2")
+    with pytest.raises(UserError, match="multiply to 2 slices, but this run has 1 processes"):
+        train.setup(config, module)
