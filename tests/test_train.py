@@ -146,3 +146,23 @@ def test_dcn_axes_need_as_many_slices(tiny_idx_dir):
     config, module = tiny_config(tiny_idx_dir, "mesh.dcn_data=2")
     with pytest.raises(UserError, match="multiply to 2 slices, but this run has 1 processes"):
         train.setup(config, module)
+
+
+def test_checkpoint_restores_onto_a_different_mesh(tmp_path, tiny_idx_dir):
+    config, module = tiny_config(tiny_idx_dir, "mesh.data=8")
+    train.train_and_evaluate(config, tmp_path / "straight", module)
+    short, module = tiny_config(tiny_idx_dir, "mesh.data=8", "num_steps=16")
+    train.train_and_evaluate(short, tmp_path / "moved", module)
+    other, module = tiny_config(tiny_idx_dir, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+    run, _ = train.setup(other, module)
+    manager = checkpoint.make_manager(tmp_path / "moved", keep=3)
+    state = checkpoint.restore(manager, run.abstract_state)
+    manager.close()
+    kernel = state.params["hidden_0"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert kernel.addressable_shards[0].data.shape == (784 // 2, 128 // 2)
+    train.train_and_evaluate(other, tmp_path / "moved", module)
+    straight, moved = losses(tmp_path / "straight"), losses(tmp_path / "moved")
+    assert sorted(moved) == list(range(1, 25))
+    for step in straight:
+        assert moved[step] == pytest.approx(straight[step], rel=1e-5), step
