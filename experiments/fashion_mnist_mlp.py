@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
             "nesterov": False,
             "clip_norm": 0.0,        # global-norm clipping; 0 disables it
         },
+        "nan_policy": "abort",  # a non-finite loss or gradient: abort | skip the update
         "l2": 0.0,                   # λ in the loss term λ/2·Σw² over weight matrices
         "batch_size": 128,
         "grad_accum_steps": 1,       # microbatches per step; same update, less memory

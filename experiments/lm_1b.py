@@ -60,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
             "nesterov": False,
             "clip_norm": 1.0,
         },
+        "nan_policy": "abort",  # a non-finite loss or gradient: abort | skip the update
         "l2": 0.0,
         "batch_size": 256,
         "grad_accum_steps": 1,

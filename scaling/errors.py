@@ -7,3 +7,7 @@ reject bad input without printing or exiting itself.
 
 class UserError(Exception):
     """A mistake in flags, config or files that the user can fix; never a bug in scaling."""
+
+
+class TrainingDiverged(Exception):
+    """The loss or gradients stopped being finite and the NaN policy says abort."""

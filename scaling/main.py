@@ -14,7 +14,7 @@ from pathlib import Path
 from absl import app, flags, logging
 
 from scaling import config as config_lib
-from scaling.errors import UserError
+from scaling.errors import TrainingDiverged, UserError
 
 MODES = ("train", "eval", "sample", "describe")
 
@@ -45,6 +45,7 @@ flags.DEFINE_bool("list", False, "List the experiments with their descriptions, 
 
 CONFIG_PREFIX = "--config."
 EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
 
 
 def split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -160,6 +161,9 @@ def main(argv: list[str]) -> None:
         run(argv)
     except UserError as e:
         _fail(str(e))
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_DIVERGED)
 
 
 def entry() -> None:

@@ -27,7 +27,7 @@ from scaling import checkpoint, hardware
 from scaling import mesh as mesh_lib
 from scaling.data import dataset as dataset_lib
 from scaling.data import element_spec, load_dataset
-from scaling.errors import UserError
+from scaling.errors import TrainingDiverged, UserError
 from scaling.metrics import MetricsWriter, Progress, throughput
 from scaling.models import make_model, training_flops_per_example
 from scaling.optim import make_optimizer
@@ -97,14 +97,25 @@ def loss_and_grads(loss_fn: Callable, params, batch, rng, num_microbatches: int 
 
 def train_step(state: TrainState, batch, *, loss_fn: Callable,
                tx: optax.GradientTransformation, num_microbatches: int = 1,
-               microbatch_sharding=None):
-    """One optimizer update; pure, so it can be scanned, jitted and sharded."""
+               microbatch_sharding=None, skip_nonfinite: bool = False):
+    """One optimizer update; pure, so it can be scanned, jitted and sharded.
+
+    With `skip_nonfinite`, a step whose loss or gradients are not finite leaves params and
+    optimizer state exactly as they were (the batch is still consumed).
+    """
     rng = jax.random.fold_in(state.rng, state.step)
     (loss, aux), grads = loss_and_grads(loss_fn, state.params, batch, rng, num_microbatches,
                                         microbatch_sharding)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+    metrics = {"loss": loss, "grad_norm": grad_norm, **aux}
+    if skip_nonfinite:
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = functools.partial(jax.tree_util.tree_map,
+                                 lambda new, old: jnp.where(finite, new, old))
+        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -151,6 +162,17 @@ def check_batch_divisible(config: ml_collections.ConfigDict, mesh, rules) -> Non
             f"data-parallel size {dp}")
 
 
+NAN_POLICIES = ("abort", "skip")
+
+
+def nan_policy(config: ml_collections.ConfigDict) -> str:
+    policy = config.get("nan_policy", "abort")
+    if policy not in NAN_POLICIES:
+        raise UserError(f"--config.nan_policy={policy}: expected one of "
+                        f"{', '.join(NAN_POLICIES)}")
+    return policy
+
+
 def total_steps_for(config: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:
     per_epoch = dataset_lib.steps_per_epoch(num_examples, config.batch_size)
     total = config.num_steps if config.num_steps > 0 else config.num_epochs * per_epoch
@@ -187,7 +209,8 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
     chunk_sharding = mesh_lib.batch_sharding(mesh, rules, leading_dims=1)
     step_fn = functools.partial(train_step, loss_fn=loss_fn, tx=tx,
                                 num_microbatches=config.grad_accum_steps,
-                                microbatch_sharding=chunk_sharding)
+                                microbatch_sharding=chunk_sharding,
+                                skip_nonfinite=nan_policy(config) == "skip")
 
     def train_steps(state, chunk):
         return jax.lax.scan(step_fn, state, chunk)
@@ -304,11 +327,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, experim
         f"data: {dataset.source} ({dataset.num_train} train examples); "
         f"{run.total_steps} steps of batch {config.batch_size}"
         + (f"; resumed at step {step}" if resumed else ""))
-    eval_every = every(config.eval_every_steps, run.steps_per_epoch)
-    checkpoint_every = every(config.checkpoint_every_steps, run.steps_per_epoch)
     logger = _StepLogger(writer, progress, run, config)
     eval_splits = put_eval_splits(run, dataset)
 
+    try:
+        state, step = _train_loop(run, dataset, state, step, manager, logger, writer, progress,
+                                  eval_splits)
+        results = evaluate(run, state.params, eval_splits)
+        _write_eval(writer, progress, step, results)
+        checkpoint.save(manager, state)
+    finally:
+        manager.wait_until_finished()  # a save in flight still commits, even on an error
+        manager.close()
+        writer.close()
+    for split, values in results.items():
+        progress.message(f"final {split} {format_metrics(values)}")
+    return results
+
+
+def _train_loop(run: Run, dataset, state, step: int, manager, logger, writer, progress,
+                eval_splits) -> tuple[TrainState, int]:
+    config = run.config
+    eval_every = every(config.eval_every_steps, run.steps_per_epoch)
+    checkpoint_every = every(config.checkpoint_every_steps, run.steps_per_epoch)
     pending = None
     while step < run.total_steps:
         stop = min(run.total_steps, _next_multiple(step, eval_every),
@@ -321,23 +362,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, experim
         pending = (step, metrics)
         step += num_steps
         if step % eval_every == 0 or step % checkpoint_every == 0 or step == run.total_steps:
-            logger.log(*pending)
+            logger.log(*pending)  # checked before anything is saved
             pending = None
             if step % checkpoint_every == 0 or step == run.total_steps:
                 checkpoint.save(manager, state)
             if step % eval_every == 0 and step != run.total_steps:
                 _write_eval(writer, progress, step, evaluate(run, state.params, eval_splits))
             logger.pause()
-
-    results = evaluate(run, state.params, eval_splits)
-    _write_eval(writer, progress, step, results)
-    checkpoint.save(manager, state)
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
-    for split, values in results.items():
-        progress.message(f"final {split} {format_metrics(values)}")
-    return results
+    return state, step
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: Path, experiment=None,
@@ -396,7 +428,15 @@ class _StepLogger:
         seconds_per_step = (now - self.last_time) / num_steps
         self.last_time = now
         for i in range(num_steps):
-            self.window.append({k: float(v[i]) for k, v in metrics.items()})
+            values = {k: float(v[i]) for k, v in metrics.items()}
+            if not (np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"])) and \
+                    "skipped" not in values:
+                raise TrainingDiverged(
+                    f"step {first_step + i + 1}: the loss ({values['loss']}) or gradient norm "
+                    f"({values['grad_norm']}) is not finite; stopped without saving it. The "
+                    "latest checkpoint holds the last good state; lower the learning rate, "
+                    "clip gradients, or set --config.nan_policy=skip to skip such steps")
+            self.window.append(values)
             self.window_seconds += seconds_per_step
             step = first_step + i + 1
             if step % self.every == 0 or step == self.run.total_steps:
@@ -408,7 +448,11 @@ class _StepLogger:
 
     def _flush(self, step: int) -> None:
         rate = len(self.window) * self.batch_size / max(self.window_seconds, 1e-9)
-        means = {k: float(np.mean([m[k] for m in self.window])) for k in self.window[0]}
+        # Steps skipped by the NaN policy are counted, not averaged in.
+        finite = [m for m in self.window if np.isfinite(m["loss"])] or self.window
+        means = {k: float(np.mean([m[k] for m in finite])) for k in self.window[0]}
+        if "skipped" in self.window[0]:
+            means["skipped"] = float(sum(m["skipped"] for m in self.window))
         eta = (self.run.total_steps - step) * self.batch_size / rate
         rates = throughput(rate, self.run.items_per_example, self.run.flops_per_example,
                            self.run.mesh.size, self.peak_flops)
