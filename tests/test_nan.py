@@ -77,9 +77,9 @@ def test_skip_leaves_params_and_optimizer_state_unchanged(tmp_path, poisoned):
     state, metrics = run.train_steps(state, train.put_train_chunk(run, dataset.train,
                                                                   bad_step - 1, 1))
     assert float(metrics["skipped"][0]) == 1.0 and int(state.step) == bad_step
+    after = jax.device_get((state.params, state.opt_state))
     for old, new in zip(jax.tree_util.tree_leaves((params, opt_state)),
-                        jax.tree_util.tree_leaves(jax.device_get((state.params,
-                                                                  state.opt_state)))):
+                        jax.tree_util.tree_leaves(after), strict=True):
         np.testing.assert_array_equal(old, new)
 
     results = train.train_and_evaluate(config, tmp_path / "run", module,
