@@ -15,6 +15,7 @@ from absl import app, flags, logging
 
 from scaling import config as config_lib
 from scaling.errors import TrainingDiverged, UserError
+from scaling.preemption import EXIT_PREEMPTED, Preempted
 
 MODES = ("train", "eval", "sample", "describe")
 
@@ -164,6 +165,8 @@ def main(argv: list[str]) -> None:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_DIVERGED)
+    except Preempted:
+        sys.exit(EXIT_PREEMPTED)
 
 
 def entry() -> None:

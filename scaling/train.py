@@ -31,6 +31,7 @@ from scaling.errors import TrainingDiverged, UserError
 from scaling.metrics import MetricsWriter, Progress, throughput
 from scaling.models import make_model, training_flops_per_example
 from scaling.optim import make_optimizer
+from scaling.preemption import Preempted, PreemptionWatch
 from scaling.summary import state_table
 from scaling.tasks import Task, get_task, sum_metrics
 
@@ -330,9 +331,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, experim
     logger = _StepLogger(writer, progress, run, config)
     eval_splits = put_eval_splits(run, dataset)
 
+    watch = PreemptionWatch()
     try:
         state, step = _train_loop(run, dataset, state, step, manager, logger, writer, progress,
-                                  eval_splits)
+                                  eval_splits, watch)
         results = evaluate(run, state.params, eval_splits)
         _write_eval(writer, progress, step, results)
         checkpoint.save(manager, state)
@@ -340,13 +342,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, experim
         manager.wait_until_finished()  # a save in flight still commits, even on an error
         manager.close()
         writer.close()
+        watch.close()
     for split, values in results.items():
         progress.message(f"final {split} {format_metrics(values)}")
     return results
 
 
 def _train_loop(run: Run, dataset, state, step: int, manager, logger, writer, progress,
-                eval_splits) -> tuple[TrainState, int]:
+                eval_splits, watch: PreemptionWatch) -> tuple[TrainState, int]:
     config = run.config
     eval_every = every(config.eval_every_steps, run.steps_per_epoch)
     checkpoint_every = every(config.checkpoint_every_steps, run.steps_per_epoch)
@@ -369,6 +372,13 @@ def _train_loop(run: Run, dataset, state, step: int, manager, logger, writer, pr
             if step % eval_every == 0 and step != run.total_steps:
                 _write_eval(writer, progress, step, evaluate(run, state.params, eval_splits))
             logger.pause()
+        if watch.should_stop(step):
+            if pending is not None:
+                logger.log(*pending)
+            checkpoint.save(manager, state, force=True)
+            manager.wait_until_finished()
+            progress.message(f"preempted: saved step {step}; re-run the same command to resume")
+            raise Preempted(step)
     return state, step
 
 

@@ -125,3 +125,29 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, fashion_mnist_ava
              if r["split"] == "train"]
     assert steps == sorted(set(steps)), "a resumed run must not log a step twice"
     assert steps[-1] == 1200
+
+
+def test_sigterm_saves_the_current_step_and_exits_75(tmp_path, fashion_mnist_available):
+    workdir = tmp_path / "run"
+    args = [sys.executable, "-m", "scaling.main", "--experiment=fashion_mnist_mlp",
+            f"--workdir={workdir}", "--config.num_steps=100000", "--config.log_every_steps=10",
+            "--config.checkpoint_every_steps=100000", "--config.eval_every_steps=100000"]
+    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while (not metrics.exists() or metrics.stat().st_size == 0) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=60)
+    assert process.returncode == 75
+    saved = committed_steps(workdir)
+    assert len(saved) == 1 and 0 < saved[0] < 100000
+    assert f"preempted: saved step {saved[0]}" in stdout
+
+    result = run_cli("--experiment=fashion_mnist_mlp", f"--workdir={workdir}",
+                     f"--config.num_steps={saved[0] + 64}",
+                     "--config.checkpoint_every_steps=100000",
+                     "--config.eval_every_steps=100000")
+    assert result.returncode == 0, result.stderr
+    assert f"resumed at step {saved[0]}" in result.stdout
