@@ -28,9 +28,18 @@ def make_schedule(optimizer_config: ml_collections.ConfigDict, total_steps: int)
     raise UserError(f"--config.optimizer.schedule={name}: expected one of {', '.join(SCHEDULES)}")
 
 
+NO_DECAY_NAMES = ("bias", "scale")
+
+
 def decay_mask(params):
-    """Weight decay applies to matrices only, never to biases or norm scales."""
-    return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+    """Weight decay applies to weight matrices, never to biases or norm scales.
+
+    Names decide, not ranks: a norm scale stacked over scanned layers is two-dimensional.
+    """
+    def decays(path, p) -> bool:
+        name = getattr(path[-1], "key", getattr(path[-1], "name", "")) if path else ""
+        return p.ndim > 1 and name not in NO_DECAY_NAMES
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(optimizer_config: ml_collections.ConfigDict,

@@ -82,3 +82,9 @@ def test_l2_term_is_half_lambda_sum_of_squared_weights():
     squares = sum(float(jnp.sum(params[layer]["kernel"] ** 2)) for layer in params)
     assert float(l2_penalty(params)) == pytest.approx(squares, rel=1e-6)
     assert float(with_l2 - plain) == pytest.approx(0.15 * squares, rel=1e-5)
+
+
+def test_adamw_never_decays_stacked_norm_scales():
+    params = {"layers": {"norm": {"scale": jnp.ones((4, 8))}, "mlp": {"up": jnp.ones((4, 8, 8))}}}
+    mask = optim.decay_mask(params)
+    assert mask["layers"]["norm"]["scale"] is False and mask["layers"]["mlp"]["up"] is True

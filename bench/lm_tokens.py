@@ -1,0 +1,397 @@
+"""Training tokens/s of the Shakespeare character LM: the framework against hand-written PyTorch.
+
+The transformer should turn the CPU's FLOPs into tokens about as well as a competent PyTorch
+user does, and both should be judged against what the machine can do at all. So one process
+on one CPU measures, in order:
+
+    python bench/lm_tokens.py [--steps=N] [--json=PATH]
+
+1. the large-matmul ceiling: a float32 2048x2048 @ 2048x2048 product, jitted XLA and torch;
+2. the framework through its real compiled multi-step call (`Run.train_steps`, a `lax.scan` of
+   `steps_per_call` steps) on real chunks of `experiments/shakespeare_char_lm.py` data;
+3. the same architecture, hyperparameters, batches and starting parameters in idiomatic eager
+   PyTorch (fused QKV and gate/up projections, `scaled_dot_product_attention`, fused AdamW),
+   checked against the framework: parameter count, logits at init, and the per-step losses
+   of the first chunk.
+
+Each throughput is the median over timed windows of `steps_per_call` steps after warm-up;
+model FLOPs follow `scaling.models.transformer.flops_per_token` (PaLM convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import scaling.config
+import scaling.train
+from scaling.data import dataset as dataset_lib
+from scaling.models.transformer import TransformerConfig, count_params
+
+EXPERIMENT = "shakespeare_char_lm"
+DATA_DIR = Path("/work/shared/datasets/tiny_shakespeare")
+SCHEDULE_STEPS = 1000  # the experiment's num_steps, so the learning-rate schedule is as shipped
+MATMUL_SIZE = 2048
+MATMUL_REPEATS = 10
+WARMUP_CALLS = 2  # the first compiles (framework) or allocates (torch); the second settles
+BUSY_SHARE = 0.05  # share of the machine used by other processes that distorts the timings
+
+
+def cpu_seconds() -> tuple[float, float, float] | None:
+    """Wall time and CPU seconds of the machine and of this process, for `others_share`.
+
+    The load average would count this benchmark too; /proc/stat minus our own usage says
+    what other processes took. None where /proc is missing.
+    """
+    try:
+        with open("/proc/stat") as f:
+            jiffies = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    busy = sum(jiffies) - jiffies[3] - jiffies[4]  # everything but idle and iowait
+    own = os.times()
+    return time.time(), busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def others_share(start: tuple[float, float, float] | None) -> float | None:
+    """Fraction of all cores that other processes used since `start`."""
+    end = cpu_seconds()
+    if start is None or end is None:
+        return None
+    wall, machine, own = (e - s for e, s in zip(end, start, strict=True))
+    return max(machine - own, 0.0) / (wall * (os.cpu_count() or 1))
+
+
+def matmul_ceiling_xla(n: int = MATMUL_SIZE, repeats: int = MATMUL_REPEATS) -> float:
+    """FLOP/s of one large jitted float32 matmul: the most XLA:CPU gets from this machine."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        seconds.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(seconds)
+
+
+def matmul_ceiling_torch(n: int = MATMUL_SIZE, repeats: int = MATMUL_REPEATS) -> float:
+    """The same product through torch's BLAS, on all cores."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=generator)
+    b = torch.randn(n, n, generator=generator)
+    out = torch.empty(n, n)
+    torch.matmul(a, b, out=out)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b, out=out)
+        seconds.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(seconds)
+
+
+def bench_framework(num_steps: int) -> dict[str, Any]:
+    """`Run.train_steps` on real chunks, as the training loop calls it, block_until_ready.
+
+    Chunks are placed on the device before the clock starts; the loop overlaps that host work
+    with the previous call, so it is not part of the step time. Returns the chunks and the
+    initial parameters too, so PyTorch can train on the same data from the same start.
+    """
+    config, module = scaling.config.load_config(
+        EXPERIMENT, [f"data.manual_dir={DATA_DIR}", f"num_steps={SCHEDULE_STEPS}"])
+    k = config.steps_per_call
+    num_calls = max(1, -(-num_steps // k))
+    if (WARMUP_CALLS + num_calls) * k > SCHEDULE_STEPS:
+        raise ValueError(f"--steps={num_steps}: at most "
+                         f"{(SCHEDULE_STEPS // k - WARMUP_CALLS) * k} timed steps")
+    run, dataset = scaling.train.setup(config, module)
+    state = run.init()
+    init_params = jax.device_get(state.params)  # before the first call donates the state
+    chunks = [dataset_lib.train_chunk(dataset.train, config.seed, i * k, k, config.batch_size)
+              for i in range(WARMUP_CALLS + num_calls)]
+    placed = [scaling.train.put_chunk(run, chunk) for chunk in chunks]
+
+    seconds, losses = [], []
+    for chunk in placed:
+        start = time.perf_counter()
+        state, metrics = run.train_steps(state, chunk)
+        jax.block_until_ready((state, metrics))
+        seconds.append(time.perf_counter() - start)
+        losses.append(np.asarray(metrics["loss"]))
+    seq_len = run.items_per_example
+    return {"config": config, "model_config": run.model.config, "chunks": chunks,
+            "init_params": init_params, "losses": np.concatenate(losses).tolist(),
+            "param_count": count_params(init_params), "seq_len": seq_len,
+            "flops_per_token": run.flops_per_example / seq_len,
+            "call_seconds": seconds[WARMUP_CALLS:], "compile_call_seconds": seconds[0],
+            "steps_per_call": k}
+
+
+def make_torch_model(c: TransformerConfig):
+    """The transformer of `scaling/models/transformer.py`, as a PyTorch user would write it.
+
+    Q, K and V share one projection, and so do SwiGLU's gate and up: two wide matmuls beat
+    five narrow ones and hold exactly the same parameters. Attention is SDPA with native GQA
+    (query head h reads kv head h // (H / K), the framework's grouping).
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    H, K, Dh, D, Fh = c.num_heads, c.num_kv_heads, c.head_dim, c.embed_dim, c.mlp_dim
+
+    def rope(x, cos, sin):
+        # Split-half pairs (i, i + Dh/2), as transformer.apply_rope rotates them.
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention_norm = nn.RMSNorm(D, eps=c.norm_eps)
+            self.qkv = nn.Linear(D, (H + 2 * K) * Dh, bias=False)
+            self.out = nn.Linear(H * Dh, D, bias=False)
+            self.mlp_norm = nn.RMSNorm(D, eps=c.norm_eps)
+            self.gate_up = nn.Linear(D, 2 * Fh, bias=False)
+            self.down = nn.Linear(Fh, D, bias=False)
+
+        def forward(self, x, cos, sin):
+            B, L, _ = x.shape
+            q, k, v = self.qkv(self.attention_norm(x)).split([H * Dh, K * Dh, K * Dh], dim=-1)
+            q = rope(q.view(B, L, H, Dh).transpose(1, 2), cos, sin)
+            k = rope(k.view(B, L, K, Dh).transpose(1, 2), cos, sin)
+            v = v.view(B, L, K, Dh).transpose(1, 2)
+            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                      enable_gqa=True)
+            x = x + self.out(attended.transpose(1, 2).reshape(B, L, H * Dh))
+            gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+            return x + self.down(F.silu(gate) * up)
+
+    class Transformer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = nn.Embedding(c.vocab_size, D)
+            self.layers = nn.ModuleList(Block() for _ in range(c.num_layers))
+            self.final_norm = nn.RMSNorm(D, eps=c.norm_eps)
+            half = Dh // 2
+            inv_freq = c.rope_theta ** (-torch.arange(half, dtype=torch.float32) / half)
+            angle = torch.arange(c.max_seq_len, dtype=torch.float32)[:, None] * inv_freq
+            self.register_buffer("cos", angle.cos(), persistent=False)
+            self.register_buffer("sin", angle.sin(), persistent=False)
+
+        def forward(self, tokens):
+            L = tokens.shape[1]
+            cos, sin = self.cos[:L], self.sin[:L]
+            x = self.embedding(tokens)
+            for layer in self.layers:
+                x = layer(x, cos, sin)
+            return F.linear(self.final_norm(x), self.embedding.weight)  # tied output
+
+    return Transformer()
+
+
+def load_framework_params(model, params: dict) -> None:
+    """Copies the framework's initial parameters in, so both runs start from the same point."""
+    import torch
+
+    params = jax.tree.map(np.array, params)  # writable copies, as torch.from_numpy wants
+    if "layers" in params:  # scanned: every layer parameter has a leading layers axis
+        layers = params["layers"]
+    else:  # scan_layers=False: layers_0, layers_1, ...
+        layers = jax.tree.map(lambda *xs: np.stack(xs),
+                              *(params[f"layers_{i}"] for i in range(len(model.layers))))
+    attention, mlp = layers["attention"], layers["mlp"]
+
+    def matrix(x: np.ndarray, fan_in_axes: int) -> torch.Tensor:
+        # Framework kernels are (inputs..., outputs...); torch Linear weights (out, in).
+        rows = math.prod(x.shape[:fan_in_axes])
+        return torch.from_numpy(np.ascontiguousarray(x.reshape(rows, -1).T))
+
+    with torch.no_grad():
+        model.embedding.weight.copy_(torch.from_numpy(params["embedding"]))
+        model.final_norm.weight.copy_(torch.from_numpy(params["final_norm"]["scale"]))
+        for i, block in enumerate(model.layers):
+            block.attention_norm.weight.copy_(
+                torch.from_numpy(layers["attention_norm"]["scale"][i]))
+            block.mlp_norm.weight.copy_(torch.from_numpy(layers["mlp_norm"]["scale"][i]))
+            block.qkv.weight.copy_(torch.cat([matrix(attention[name][i], 1)
+                                              for name in ("query", "key", "value")]))
+            block.out.weight.copy_(matrix(attention["out"][i], 2))
+            block.gate_up.weight.copy_(torch.cat([matrix(mlp[name][i], 1)
+                                                  for name in ("gate", "up")]))
+            block.down.weight.copy_(matrix(mlp["down"][i], 1))
+
+
+def warmup_cosine(optimizer_config) -> Any:
+    """The experiment's schedule as a LambdaLR factor: linear warm-up from 0, cosine decay."""
+    warmup, total = optimizer_config.warmup_steps, SCHEDULE_STEPS
+    final = optimizer_config.final_lr_fraction
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / warmup
+        progress = min(step - warmup, total - warmup) / (total - warmup)
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def framework_logits(model_config: TransformerConfig, params: dict,
+                     tokens: np.ndarray) -> np.ndarray:
+    """Logits of the framework's model, for the equivalence check."""
+    from scaling.models.transformer import Transformer
+
+    return np.asarray(jax.jit(Transformer(model_config).apply)({"params": params}, tokens))
+
+
+def bench_torch(framework: dict[str, Any]) -> dict[str, Any]:
+    """Eager PyTorch on all cores: the same batches, windows and starting point."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    config, c = framework["config"], framework["model_config"]
+    opt = config.optimizer
+    model = make_torch_model(c)
+    load_framework_params(model, framework["init_params"])
+    param_count = sum(p.numel() for p in model.parameters())
+
+    probe = framework["chunks"][0]["tokens"][0, :4, :-1]
+    with torch.no_grad():
+        logits = model(torch.from_numpy(probe).long()).numpy()
+    logits_diff = float(np.max(np.abs(
+        logits - framework_logits(c, framework["init_params"], probe))))
+
+    matrices = [p for p in model.parameters() if p.ndim > 1]
+    vectors = [p for p in model.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": opt.weight_decay},
+         {"params": vectors, "weight_decay": 0.0}],
+        lr=opt.learning_rate, betas=(opt.b1, opt.b2), eps=opt.eps, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(opt))
+
+    def train_step(tokens: torch.Tensor) -> torch.Tensor:
+        logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), opt.clip_norm)
+        optimizer.step()
+        scheduler.step()
+        return loss.detach()
+
+    model.train()
+    seconds, losses = [], []
+    for chunk in framework["chunks"]:
+        tokens = torch.from_numpy(chunk["tokens"]).long()
+        start = time.perf_counter()
+        losses += [train_step(batch) for batch in tokens]
+        seconds.append(time.perf_counter() - start)
+    return {"param_count": param_count, "init_logits_max_abs_diff": logits_diff,
+            "losses": [float(loss) for loss in losses],
+            "call_seconds": seconds[WARMUP_CALLS:]}
+
+
+def summarize(framework: dict[str, Any], pytorch: dict[str, Any], ceilings: dict[str, float],
+              share: float | None) -> dict[str, Any]:
+    config = framework["config"]
+    tokens_per_call = framework["steps_per_call"] * config.batch_size * framework["seq_len"]
+    flops_per_token = framework["flops_per_token"]
+    first = framework["steps_per_call"]
+    loss_diff = np.abs(np.subtract(framework["losses"], pytorch["losses"]))
+    out: dict[str, Any] = {
+        "batch_size": config.batch_size, "seq_len": framework["seq_len"],
+        "steps_per_call": first, "tokens_per_step": config.batch_size * framework["seq_len"],
+        "timed_calls": len(framework["call_seconds"]), "warmup_calls": WARMUP_CALLS,
+        "flops_per_token": flops_per_token,
+        "matmul_flops_xla": ceilings["xla"], "matmul_flops_torch": ceilings["torch"],
+        "framework_param_count": framework["param_count"],
+        "pytorch_param_count": pytorch["param_count"],
+        "init_logits_max_abs_diff": pytorch["init_logits_max_abs_diff"],
+        "first_chunk_loss_max_abs_diff": float(loss_diff[:first].max()),
+        "all_steps_loss_max_abs_diff": float(loss_diff.max()),
+        "final_loss_framework": framework["losses"][-1],
+        "final_loss_pytorch": pytorch["losses"][-1],
+        "framework_compile_call_seconds": framework["compile_call_seconds"],
+        "others_cpu_share": share,
+    }
+    for name, result in (("framework", framework), ("pytorch", pytorch)):
+        tokens_per_second = tokens_per_call / statistics.median(result["call_seconds"])
+        out[f"{name}_call_seconds"] = result["call_seconds"]
+        out[f"{name}_tokens_per_second"] = tokens_per_second
+        out[f"{name}_model_flops"] = tokens_per_second * flops_per_token
+        for ceiling in ("xla", "torch"):
+            out[f"{name}_fraction_of_{ceiling}_matmul"] = (tokens_per_second * flops_per_token
+                                                           / ceilings[ceiling])
+    out["framework_over_pytorch"] = (out["framework_tokens_per_second"]
+                                     / out["pytorch_tokens_per_second"])
+    return out
+
+
+def report(r: dict[str, Any]) -> None:
+    print(f"matmul ceiling ({MATMUL_SIZE}^3 float32): XLA {r['matmul_flops_xla'] / 1e9:.1f} "
+          f"GFLOP/s, torch {r['matmul_flops_torch'] / 1e9:.1f} GFLOP/s")
+    print(f"params: framework {r['framework_param_count']:,}, pytorch "
+          f"{r['pytorch_param_count']:,}; init logits max |diff| "
+          f"{r['init_logits_max_abs_diff']:.2e}; loss max |diff| first chunk "
+          f"{r['first_chunk_loss_max_abs_diff']:.2e}, all steps "
+          f"{r['all_steps_loss_max_abs_diff']:.2e} (final {r['final_loss_framework']:.4f} vs "
+          f"{r['final_loss_pytorch']:.4f})")
+    print(f"{r['tokens_per_step']} tokens/step (batch {r['batch_size']} x seq "
+          f"{r['seq_len']}), {r['flops_per_token'] / 1e6:.3f} MFLOP/token; medians of "
+          f"{r['timed_calls']} windows of {r['steps_per_call']} steps after "
+          f"{r['warmup_calls']} warm-up windows")
+    print(f"{'name':<10} {'tokens/s':>9} {'GFLOP/s':>8} {'of XLA mm':>10} {'of torch mm':>12}"
+          f"  windows (s)")
+    for name in ("framework", "pytorch"):
+        windows = " ".join(f"{s:.3f}" for s in r[f"{name}_call_seconds"])
+        print(f"{name:<10} {r[f'{name}_tokens_per_second']:>9,.0f} "
+              f"{r[f'{name}_model_flops'] / 1e9:>8.1f} "
+              f"{r[f'{name}_fraction_of_xla_matmul']:>10.1%} "
+              f"{r[f'{name}_fraction_of_torch_matmul']:>12.1%}  {windows}")
+    print(f"framework / pytorch tokens/s: {r['framework_over_pytorch']:.2f}x")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50,
+                        help="timed steps per contender, in whole calls of steps_per_call")
+    parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    args = parser.parse_args(argv)
+
+    start = cpu_seconds()
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores), "
+          f"experiment {EXPERIMENT}", flush=True)
+    ceilings = {"xla": matmul_ceiling_xla(), "torch": matmul_ceiling_torch()}
+    framework = bench_framework(args.steps)
+    pytorch = bench_torch(framework)
+    share = others_share(start)
+    results = summarize(framework, pytorch, ceilings, share)
+    report(results)
+    if share is not None:
+        print(f"other processes used {share:.0%} of the CPU during the benchmark")
+        if share > BUSY_SHARE:
+            print("warning: the machine was shared, so the timings are noisy; rerun when "
+                  "it is quiet")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
