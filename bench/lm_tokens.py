@@ -33,6 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from machine_load import BUSY_SHARE, cpu_seconds, others_share
 
 import scaling.config
 import scaling.train
@@ -45,32 +46,6 @@ SCHEDULE_STEPS = 1000  # the experiment's num_steps, so the learning-rate schedu
 MATMUL_SIZE = 2048
 MATMUL_REPEATS = 10
 WARMUP_CALLS = 2  # the first compiles (framework) or allocates (torch); the second settles
-BUSY_SHARE = 0.05  # share of the machine used by other processes that distorts the timings
-
-
-def cpu_seconds() -> tuple[float, float, float] | None:
-    """Wall time and CPU seconds of the machine and of this process, for `others_share`.
-
-    The load average would count this benchmark too; /proc/stat minus our own usage says
-    what other processes took. None where /proc is missing.
-    """
-    try:
-        with open("/proc/stat") as f:
-            jiffies = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return None
-    busy = sum(jiffies) - jiffies[3] - jiffies[4]  # everything but idle and iowait
-    own = os.times()
-    return time.time(), busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
-
-
-def others_share(start: tuple[float, float, float] | None) -> float | None:
-    """Fraction of all cores that other processes used since `start`."""
-    end = cpu_seconds()
-    if start is None or end is None:
-        return None
-    wall, machine, own = (e - s for e, s in zip(end, start, strict=True))
-    return max(machine - own, 0.0) / (wall * (os.cpu_count() or 1))
 
 
 def matmul_ceiling_xla(n: int = MATMUL_SIZE, repeats: int = MATMUL_REPEATS) -> float:

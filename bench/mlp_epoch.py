@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from machine_load import BUSY_SHARE, cpu_seconds, others_share
 
 import scaling.config
 import scaling.metrics
@@ -47,7 +48,6 @@ ADAM_EPS = 1e-7
 HIDDEN = 128
 NUM_CLASSES = 10
 TARGET_RATIO = 1.1  # framework epoch time over the hand-written loop's, at most
-BUSY_SHARE = 0.05  # share of the machine used by other processes that distorts the timings
 
 
 def load_arrays() -> dict[str, np.ndarray]:
@@ -63,31 +63,6 @@ def load_arrays() -> dict[str, np.ndarray]:
             "train_y": labels("train-labels-idx1-ubyte.gz"),
             "test_x": images("t10k-images-idx3-ubyte.gz"),
             "test_y": labels("t10k-labels-idx1-ubyte.gz")}
-
-
-def cpu_seconds() -> tuple[float, float, float] | None:
-    """Wall time, CPU time of the whole machine and of this process, for `others_share`.
-
-    The load average would also count this benchmark and the runs before it; /proc/stat
-    minus our own usage says what other processes took. None where /proc is missing.
-    """
-    try:
-        with open("/proc/stat") as f:
-            jiffies = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return None
-    busy = sum(jiffies) - jiffies[3] - jiffies[4]  # everything but idle and iowait
-    own = os.times()
-    return time.time(), busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
-
-
-def others_share(start: tuple[float, float, float] | None) -> float | None:
-    """Fraction of all cores that other processes used since `start`."""
-    end = cpu_seconds()
-    if start is None or end is None:
-        return None
-    wall, machine, own = (e - s for e, s in zip(end, start, strict=True))
-    return max(machine - own, 0.0) / (wall * (os.cpu_count() or 1))
 
 
 def median_after_first(epoch_seconds: list[float]) -> float:
