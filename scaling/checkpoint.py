@@ -20,12 +20,6 @@ def make_manager(workdir: Path, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(Path(workdir).resolve() / "checkpoints", options=options)
 
 
-def abstract_like(state):
-    """Shapes, dtypes and shardings of a state, for restoring without allocating twice."""
-    return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-
-
 def save(manager: ocp.CheckpointManager, state, *, force: bool = False) -> None:
     """Start an asynchronous save; it returns once the arrays are safe to donate."""
     step = int(jax.device_get(state.step))

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
@@ -39,7 +37,3 @@ def chip_for(device_kind: str) -> Chip | None:
         if pattern.lower() in device_kind.lower():
             return chip
     return None
-
-
-def local_chip() -> Chip | None:
-    return chip_for(jax.devices()[0].device_kind)

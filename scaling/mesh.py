@@ -153,12 +153,3 @@ def with_mesh_rules(fn, mesh: Mesh, rules: tuple):
             return fn(*args, **kwargs)
     wrapped.inner = fn
     return wrapped
-
-
-def describe_shardings(tree) -> list[tuple[str, tuple, str]]:
-    """(path, shape, PartitionSpec) rows, for logs and tests."""
-    rows = []
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        spec = getattr(getattr(leaf, "sharding", None), "spec", None)
-        rows.append((jax.tree_util.keystr(path), tuple(leaf.shape), str(spec)))
-    return rows
