@@ -7,8 +7,10 @@
     python -m scaling.main --experiment=lm_8b --mode=describe --num_devices=64
 
 Hardware: TPU v5p-128 (64 chips, 95 GiB each) with the documented mesh fsdp=16 x tensor=4
-and a global batch of 512 sequences of 4096 tokens (2M tokens a step); or 8 nodes of 8
-H100/H200 with the same mesh. Params and AdamW state: 89.8 GiB in all, 1.4 GiB a chip.
+and a global batch of 512 sequences of 4096 tokens (2M tokens a step) in 4 microbatches;
+or 8 nodes of 8 H100/H200 with the same mesh. Params and AdamW state: 89.8 GiB in all,
+1.4 GiB a chip. `--mode=preflight --topology=v5p-128` compiles the step for that slice on a
+CPU: a peak of 32.8 GiB a chip of the 95 GiB (without microbatches it needs 109.4 GiB).
 Expected: the loss depends on your corpus and SentencePiece model; this file fixes the shapes.
 On a CPU it builds abstractly (shapes, shardings, a lowered step) without allocating.
 """
@@ -63,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
         "nan_policy": "abort",  # a non-finite loss or gradient: abort | skip the update
         "l2": 0.0,
         "batch_size": 512,
-        "grad_accum_steps": 1,
+        "grad_accum_steps": 4,        # the whole batch at once needs 109 GiB a chip
         "eval_batch_size": 512,
         "num_epochs": 1,
         "num_steps": 200_000,

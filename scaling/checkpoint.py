@@ -1,23 +1,36 @@
 """Orbax checkpoints of the train state: asynchronous saves, keep-last-K, restore-or-init.
 
 A restore is driven by the abstract state of the current run (shapes, dtypes and target
-shardings), so a checkpoint written on one mesh restores directly onto another.
+shardings), so a checkpoint written on one mesh restores directly onto another. Before any
+array is read, the checkpoint's own metadata is compared with that abstract state: Orbax
+would otherwise cast a changed dtype silently, and a changed width would fail deep inside
+TensorStore. Orbax stages each save in a temporary directory and renames it only once every
+array is written, so a save killed or failed half-way is never taken for a checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
+from scaling.errors import CheckpointWriteError, UserError
+
+MAX_LISTED_MISMATCHES = 40
+
 
 def make_manager(workdir: Path, keep: int) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=True, create=True,
         cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(Path(workdir).resolve() / "checkpoints", options=options)
+    quiet_tracebacks()
+    # The handler is named up front so a fresh manager can read metadata before any save.
+    return ocp.CheckpointManager(Path(workdir).resolve() / "checkpoints", options=options,
+                                 item_handlers=ocp.StandardCheckpointHandler())
 
 
 def save(manager: ocp.CheckpointManager, state, *, force: bool = False) -> None:
@@ -25,11 +38,60 @@ def save(manager: ocp.CheckpointManager, state, *, force: bool = False) -> None:
     step = int(jax.device_get(state.step))
     if step in manager.all_steps():
         return
-    manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    with _write_errors(manager):
+        manager.save(step, args=ocp.args.StandardSave(state), force=force)
+        _saving[id(manager)] = step
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+    """Block until the save in flight is committed; a failed one raises CheckpointWriteError."""
+    with _write_errors(manager):
+        manager.wait_until_finished()
+
+
+_saving: dict[int, int] = {}  # the step each manager last started to save
+
+
+@contextlib.contextmanager
+def _write_errors(manager: ocp.CheckpointManager):
+    # Orbax re-raises whatever the filesystem raised in its writer threads, at the next save
+    # or wait; name the step and the checkpoint that survives instead of a thread traceback.
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - any failure to write is reported the same way
+        step = _saving.get(id(manager))
+        manager.reload()
+        committed = [s for s in manager.all_steps() if s != step]
+        kept = (f"the last committed checkpoint, step {max(committed)}, is intact"
+                if committed else "no earlier checkpoint exists")
+        raise CheckpointWriteError(
+            f"saving the checkpoint of step {step} in {manager.directory} failed: {e}; {kept}. "
+            "Free space or fix the directory, then re-run the same command to resume") from e
+
+
+class _OneLineRecords(logging.Filter):
+    """Orbax logs each failure of its writer threads with a traceback, several times over;
+    the run reports the failure once itself, so keep only each record's first line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "/orbax/" in record.pathname:
+            record.exc_info = record.exc_text = None
+            record.msg, record.args = (record.getMessage().splitlines() or [""])[0][:300], None
+        return True
+
+
+def quiet_tracebacks() -> None:
+    for handler in logging.getLogger("absl").handlers + logging.getLogger().handlers:
+        if not any(isinstance(f, _OneLineRecords) for f in handler.filters):
+            handler.addFilter(_OneLineRecords())
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
     step = manager.latest_step() if step is None else step
+    if step not in manager.all_steps():
+        raise UserError(f"no checkpoint for step {step} in {manager.directory}; "
+                        f"available: {', '.join(map(str, manager.all_steps())) or 'none'}")
+    check_compatible(manager, step, abstract_state)
     return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
 
@@ -39,3 +101,49 @@ def restore_or_init(manager: ocp.CheckpointManager, abstract_state,
     if manager.latest_step() is None:
         return init(), False
     return restore(manager, abstract_state), True
+
+
+def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state) -> None:
+    """Refuse a checkpoint whose paths, shapes or dtypes differ from this run's state."""
+    saved = _leaf_specs(manager.item_metadata(step).tree)
+    expected = _leaf_specs(abstract_state)
+    mismatches = [f"{path}: {_describe(saved.get(path))} in the checkpoint, "
+                  f"{_describe(expected.get(path))} in this config"
+                  for path in sorted(saved.keys() | expected.keys(),
+                                     key=lambda p: (not p.startswith("params"), p))
+                  if saved.get(path) != expected.get(path)]
+    if not mismatches:
+        return
+    listed = mismatches[:MAX_LISTED_MISMATCHES]
+    if len(mismatches) > len(listed):
+        listed.append(f"... and {len(mismatches) - len(listed)} more")
+    raise UserError(
+        f"checkpoint {Path(manager.directory) / str(step)} does not match this config "
+        f"({len(mismatches)} mismatched paths):\n  " + "\n  ".join(listed) +
+        "\nRun with the config it was written with (config.json in its workdir), or train "
+        "into a new --workdir")
+
+
+def _leaf_specs(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {_path_name(path): (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in flat}
+
+
+def _path_name(path) -> str:
+    """`params/hidden_0/kernel`, whether the path came from dataclass fields, dicts or lists."""
+    parts = []
+    for key in path:
+        for attribute in ("name", "key", "idx"):
+            if hasattr(key, attribute):
+                parts.append(str(getattr(key, attribute)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def _describe(spec: tuple[tuple[int, ...], str] | None) -> str:
+    if spec is None:
+        return "absent"
+    shape, dtype = spec
+    return f"{dtype}[{','.join(map(str, shape))}]"

@@ -6,18 +6,18 @@ and dispatches a mode. Every user mistake ends here as one line on stderr and ex
 
 from __future__ import annotations
 
-import json
 import sys
-import tempfile
 from pathlib import Path
 
 from absl import app, flags, logging
 
+from scaling import compile_cache, profiling
 from scaling import config as config_lib
-from scaling.errors import TrainingDiverged, UserError
+from scaling import workdir as workdir_lib
+from scaling.errors import CheckpointWriteError, DoesNotFit, TrainingDiverged, UserError
 from scaling.preemption import EXIT_PREEMPTED, Preempted
 
-MODES = ("train", "eval", "sample", "describe")
+MODES = ("train", "eval", "sample", "describe", "predict", "export", "preflight")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("experiment", None,
@@ -32,21 +32,54 @@ flags.DEFINE_integer("max_new_tokens", None, "--mode=sample: tokens to generate 
 flags.DEFINE_float("temperature", None, "--mode=sample: softmax temperature, 0 for greedy "
                    "(default: config.sample.temperature).")
 flags.DEFINE_integer("top_k", None, "--mode=sample: keep the k most likely tokens, 0 for all "
-                     "(default: config.sample.top_k).")
+                     "(default: config.sample.top_k). --mode=predict: report the k most likely "
+                     "classes, 0 for all (default: 3).")
 flags.DEFINE_integer("sample_seed", 0, "--mode=sample: the seed; equal seeds give equal text.")
 flags.DEFINE_integer("num_devices", None, "--mode=describe: size the mesh for this many "
                      "devices instead of the local ones.")
+flags.DEFINE_string("topology", None, "--mode=preflight: compile for this TPU slice (v5p-128, "
+                    "v5e-256, v6e-64, v4-32, ...) instead of the local devices; needs the "
+                    "tpu extra.")
+flags.DEFINE_string("inputs", None, "--mode=predict: a PNG, JPEG or NPY file, a directory of "
+                    "them, or split:NAME of the experiment's dataset (e.g. split:test).")
+flags.DEFINE_string("output", None, "--mode=predict: the .jsonl or .csv file to write "
+                    "(default: WORKDIR/predictions.jsonl).")
+flags.DEFINE_integer("checkpoint_step", None, "--mode=predict and export: the checkpoint to "
+                     "use (default: the latest).")
+flags.DEFINE_string("artifact", None, "--mode=export: the directory to write (default: "
+                    "WORKDIR/export). scaling.serve: the exported model to serve.")
+flags.DEFINE_string("quantize", None, "--mode=export: int8 stores weight matrices as int8 "
+                    "with one scale per output unit (default: float weights).")
+flags.DEFINE_string("host", "127.0.0.1", "scaling.serve: the address to listen on "
+                    "(0.0.0.0 for every interface).")
+flags.DEFINE_integer("port", 8000, "scaling.serve: the port to listen on; 0 picks a free one.")
+flags.DEFINE_integer("max_batch_size", 256, "scaling.serve: the most examples that concurrent "
+                     "requests share in one model call.")
+flags.DEFINE_float("max_wait_ms", 2.0, "scaling.serve: how long a batch waits for more "
+                   "requests once its first has arrived.")
+flags.DEFINE_integer("max_request_bytes", 4 << 20, "scaling.serve: larger request bodies are "
+                     "refused with 413.")
 flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0. "
                     "Not needed on TPU pods or under SLURM, where it is detected.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes in all.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's id, from 0.")
 flags.DEFINE_integer("distributed_timeout", 120, "Multi-process: seconds to wait for the "
                      "others at start-up, and before a lost process fails the rest.")
+flags.DEFINE_bool("allow_config_change", False, "Restore checkpoints even though the model "
+                  "config differs from the one in the workdir's config.json (shapes and dtypes "
+                  "must still match).")
 flags.DEFINE_bool("list", False, "List the experiments with their descriptions, then exit.")
+flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation cache, so a "
+                    "re-run starts without compiling. Default: $SCALING_CACHE_DIR, else "
+                    "~/.cache/scaling/jax; empty turns it off.")
+flags.DEFINE_string("profile_steps", None, "--mode=train: write a jax.profiler trace of steps "
+                    "A:B (from 1, inclusive, widened to whole compiled calls) to WORKDIR/profile.")
 
 CONFIG_PREFIX = "--config."
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
+EXIT_DOES_NOT_FIT = 4
+EXIT_CHECKPOINT_WRITE = 74  # EX_IOERR
 
 
 def split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -70,27 +103,6 @@ def parse_flags(argv: list[str]) -> list[str]:
         _fail(str(e))
 
 
-def prepare_workdir(workdir: str | None, experiment: str) -> Path:
-    """The resolved workdir, created and proven writable before any heavy work."""
-    path = Path(workdir if workdir else Path("runs") / experiment).expanduser().resolve()
-    flag = f"--workdir={workdir}" if workdir else f"the default workdir {path}"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise UserError(f"{flag}: cannot write there ({e.strerror}); choose a writable "
-                        "directory with --workdir") from None
-    return path
-
-
-def write_config(config, workdir: Path) -> None:
-    target = workdir / "config.json"
-    partial = workdir / "config.json.tmp"
-    partial.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
-    partial.replace(target)
-
-
 def run(argv: list[str]) -> None:
     # Orbax logs every file it writes at INFO; keep the console for the progress line.
     logging.set_verbosity(logging.WARNING)
@@ -106,7 +118,11 @@ def run(argv: list[str]) -> None:
     if FLAGS.mode not in MODES:
         raise UserError(f"--mode={FLAGS.mode}: expected one of {', '.join(MODES)}")
     config, experiment = config_lib.load_config(FLAGS.experiment, _overrides)
+    profile_steps = profiling.parse_steps(FLAGS.profile_steps, FLAGS.mode)
     from scaling import distributed, train  # heavy imports once the command line is good
+
+    if FLAGS.mode != "preflight":  # executables for a TPU topology cannot be loaded back here
+        compile_cache.enable(FLAGS.compilation_cache_dir)
 
     setup = distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                    FLAGS.process_id, FLAGS.distributed_timeout)
@@ -119,21 +135,53 @@ def run(argv: list[str]) -> None:
             raise UserError(f"--num_devices={num_devices}: must be positive")
         print(train.describe(config, num_devices, experiment))
         return
-    workdir = prepare_workdir(FLAGS.workdir, config.experiment)
+    workdir = workdir_lib.prepare(FLAGS.workdir, config.experiment)
     print(f"experiment {config.experiment}, mode {FLAGS.mode}, workdir {workdir}, {setup}",
           flush=True)
-    if FLAGS.mode == "train":
-        import jax
+    if FLAGS.mode == "preflight":  # compiles for other hardware; records no run
+        from scaling import preflight
 
-        if jax.process_index() == 0:
-            write_config(config, workdir)
-        train.train_and_evaluate(config, workdir, experiment)
+        preflight.run_preflight(config, FLAGS.topology, workdir, experiment)
+        return
+    record_start(config, workdir, experiment)
+    if FLAGS.mode == "train":
+        train.train_and_evaluate(config, workdir, experiment, profile_steps=profile_steps)
     elif FLAGS.mode == "eval":
         results = train.evaluate_checkpoint(config, workdir, experiment)
         for split, values in results.items():
             print(f"{split} {train.format_metrics(values)}")
     elif FLAGS.mode == "sample":
         print(sample_text_from_flags(config, workdir, experiment), flush=True)
+    elif FLAGS.mode == "predict":
+        from scaling import predict
+
+        print(predict.predict_to_file(config, workdir, predict.PredictOptions(
+            inputs=FLAGS.inputs, output=FLAGS.output, top_k=FLAGS.top_k,
+            checkpoint_step=FLAGS.checkpoint_step), experiment), flush=True)
+    elif FLAGS.mode == "export":
+        from scaling import export
+
+        print(export.export_checkpoint(config, workdir, export.ExportOptions(
+            artifact=FLAGS.artifact, quantize=FLAGS.quantize,
+            checkpoint_step=FLAGS.checkpoint_step), experiment), flush=True)
+
+
+def record_start(config, workdir: Path, experiment) -> None:
+    """Refuse a changed model config before restoring, then record provenance (process 0)."""
+    import jax
+
+    from scaling import provenance
+
+    changes = provenance.check_model_config(workdir, config, FLAGS.allow_config_change)
+    if changes:
+        print(f"{provenance.ALLOW_FLAG}: restoring despite {len(changes)} model config "
+              "changes", flush=True)
+    if jax.process_index() != 0:
+        return
+    devices = {"platform": jax.default_backend(), "kind": jax.devices()[0].device_kind,
+               "count": jax.device_count(), "processes": jax.process_count()}
+    provenance.record(workdir, config, Path(experiment.__file__), FLAGS.mode, devices,
+                      config_change_allowed=bool(changes))
 
 
 def sample_text_from_flags(config, workdir: Path, experiment) -> str:
@@ -165,6 +213,12 @@ def main(argv: list[str]) -> None:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_DIVERGED)
+    except DoesNotFit as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_DOES_NOT_FIT)
+    except CheckpointWriteError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_CHECKPOINT_WRITE)
     except Preempted:
         sys.exit(EXIT_PREEMPTED)
 

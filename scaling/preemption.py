@@ -21,6 +21,7 @@ class PreemptionWatch:
         import jax
 
         self.requested = False
+        self._calls = 0
         self.multiprocess = jax.process_count() > 1
         self._previous = None
         if not self.multiprocess:
@@ -29,11 +30,15 @@ class PreemptionWatch:
     def _on_sigterm(self, signum, frame) -> None:
         self.requested = True
 
-    def should_stop(self, step: int) -> bool:
+    def should_stop(self) -> bool:
+        """Asked once after every compiled call, by every process."""
         if self.multiprocess:
             from jax.experimental import multihost_utils
 
-            return multihost_utils.reached_preemption_sync_point(step)
+            # The sync point agrees on "the largest id any process has reported, plus one",
+            # so the ids must advance by one per call; steps advance by steps_per_call.
+            self._calls += 1
+            return multihost_utils.reached_preemption_sync_point(self._calls)
         return self.requested
 
     def close(self) -> None:

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from scaling import checkpoint, hardware
+from scaling import checkpoint, hardware, profiling
 from scaling import mesh as mesh_lib
 from scaling.data import dataset as dataset_lib
 from scaling.data import element_spec, load_dataset
@@ -34,6 +34,7 @@ from scaling.optim import make_optimizer
 from scaling.preemption import Preempted, PreemptionWatch
 from scaling.summary import state_table
 from scaling.tasks import Task, get_task, sum_metrics
+from scaling.workdir import write_config
 
 
 @flax.struct.dataclass
@@ -120,11 +121,16 @@ def train_step(state: TrainState, batch, *, loss_fn: Callable,
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
+def eval_logits(params, batch, *, model: nn.Module, task: Task) -> jax.Array:
+    """Float32 logits of the model in eval mode from a raw batch: the one forward pass that
+    evaluation, prediction and export all share, so they preprocess exactly as training."""
+    return model.apply({"params": params}, task.preprocess(batch),
+                       train=False).astype(jnp.float32)
+
+
 def eval_step(params, batch, *, model: nn.Module, task: Task):
     """Sums, not means, over the real (unmasked) examples, so padding never counts."""
-    logits = model.apply({"params": params}, task.preprocess(batch),
-                         train=False).astype(jnp.float32)
-    return task.eval_sums(logits, batch)
+    return task.eval_sums(eval_logits(params, batch, model=model, task=task), batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,12 +293,18 @@ def call_length(step: int, stop: int, steps_per_call: int) -> int:
     return 1 << (remaining.bit_length() - 1)
 
 
+def build_run_from_shapes(config: ml_collections.ConfigDict, mesh, experiment=None) -> Run:
+    """The Run of `setup` without loading any data: the example's shape comes from the config,
+    so describe and preflight can size a step for hardware this machine does not have."""
+    check_batch_divisible(config, mesh, mesh_lib.rules_from_config(config))
+    return build_run(config, mesh, element_spec(config), num_train=config.batch_size,
+                     experiment=experiment)
+
+
 def describe(config: ml_collections.ConfigDict, num_devices: int, experiment=None) -> str:
     """`--mode=describe`: the state table for a mesh of any size, built from shapes alone."""
     mesh = mesh_lib.make_abstract_mesh(config.mesh, num_devices)
-    check_batch_divisible(config, mesh, mesh_lib.rules_from_config(config))
-    spec = element_spec(config)
-    run = build_run(config, mesh, spec, num_train=config.batch_size, experiment=experiment)
+    run = build_run_from_shapes(config, mesh, experiment)
     per_step = run.flops_per_example * config.batch_size
     return (state_table(run.abstract_state, mesh) + "\n"
             f"training FLOPs per step {per_step:.3e} ({per_step / num_devices:.3e} a device)")
@@ -315,11 +327,15 @@ def setup(config: ml_collections.ConfigDict, experiment=None, devices=None):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, experiment=None,
-                       devices=None) -> dict[str, dict[str, float]]:
+                       devices=None, profile_steps: profiling.StepWindow | None = None
+                       ) -> dict[str, dict[str, float]]:
     """Train from the latest checkpoint in `workdir` (or from scratch) and evaluate."""
     run, dataset = setup(config, experiment, devices)
+    trace = profiling.StepTrace(profile_steps, workdir, run.total_steps)
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
     state, resumed = checkpoint.restore_or_init(manager, run.abstract_state, run.init)
+    if jax.process_index() == 0:  # only once the checkpoint is known to fit this config
+        write_config(config, workdir)
     step = int(jax.device_get(state.step))
     writer = MetricsWriter(workdir, resume_step=step)
     progress = Progress(run.total_steps)
@@ -329,17 +345,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, experim
         f"{run.total_steps} steps of batch {config.batch_size}"
         + (f"; resumed at step {step}" if resumed else ""))
     logger = _StepLogger(writer, progress, run, config)
+    trace.resume(step, progress.message)
     eval_splits = put_eval_splits(run, dataset)
 
     watch = PreemptionWatch()
     try:
         state, step = _train_loop(run, dataset, state, step, manager, logger, writer, progress,
-                                  eval_splits, watch)
+                                  eval_splits, watch, trace)
         results = evaluate(run, state.params, eval_splits)
         _write_eval(writer, progress, step, results)
         checkpoint.save(manager, state)
     finally:
-        manager.wait_until_finished()  # a save in flight still commits, even on an error
+        trace.close()
+        checkpoint.wait(manager)  # a save in flight still commits, even on an error
         manager.close()
         writer.close()
         watch.close()
@@ -349,7 +367,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, experim
 
 
 def _train_loop(run: Run, dataset, state, step: int, manager, logger, writer, progress,
-                eval_splits, watch: PreemptionWatch) -> tuple[TrainState, int]:
+                eval_splits, watch: PreemptionWatch,
+                trace: profiling.StepTrace) -> tuple[TrainState, int]:
     config = run.config
     eval_every = every(config.eval_every_steps, run.steps_per_epoch)
     checkpoint_every = every(config.checkpoint_every_steps, run.steps_per_epoch)
@@ -359,7 +378,9 @@ def _train_loop(run: Run, dataset, state, step: int, manager, logger, writer, pr
                    _next_multiple(step, checkpoint_every))
         num_steps = call_length(step, stop, config.steps_per_call)
         chunk = put_train_chunk(run, dataset.train, step, num_steps)
+        trace.before_call(step, num_steps)
         state, metrics = run.train_steps(state, chunk)
+        trace.after_call(step + num_steps, (state, metrics))
         if pending is not None:
             logger.log(*pending)  # the previous call's metrics, while this call runs
         pending = (step, metrics)
@@ -372,11 +393,11 @@ def _train_loop(run: Run, dataset, state, step: int, manager, logger, writer, pr
             if step % eval_every == 0 and step != run.total_steps:
                 _write_eval(writer, progress, step, evaluate(run, state.params, eval_splits))
             logger.pause()
-        if watch.should_stop(step):
+        if watch.should_stop():
             if pending is not None:
                 logger.log(*pending)
             checkpoint.save(manager, state, force=True)
-            manager.wait_until_finished()
+            checkpoint.wait(manager)
             progress.message(f"preempted: saved step {step}; re-run the same command to resume")
             raise Preempted(step)
     return state, step

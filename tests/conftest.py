@@ -3,6 +3,8 @@
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# With libtpu installed (the tpu extra), jax would also try to open a TPU on this CPU machine.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import gzip  # noqa: E402
 import struct  # noqa: E402
@@ -21,6 +23,14 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
     with gzip.open(path, "wb") as f:
         f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache_dir(tmp_path_factory) -> Path:
+    """Runs the tests start share one compilation cache of this session, never ~/.cache."""
+    directory = tmp_path_factory.mktemp("compilation_cache")
+    os.environ["SCALING_CACHE_DIR"] = str(directory)
+    return directory
 
 
 @pytest.fixture(scope="session")
@@ -58,9 +68,12 @@ def shakespeare_dir() -> Path:
 
 
 def run_cli(*args: str, env_extra: dict | None = None, cwd: Path | None = None,
+            python_flags: tuple[str, ...] = (),
             timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m scaling.main ARGS` in a fresh process, on one CPU device unless told."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "scaling.main", *args], capture_output=True,
-                          text=True, env=env, cwd=cwd or REPO, timeout=timeout)
+    env = {k: v for k, v in env.items() if v is not None}  # None in env_extra unsets it
+    return subprocess.run([sys.executable, *python_flags, "-m", "scaling.main", *args],
+                          capture_output=True, text=True, env=env, cwd=cwd or REPO,
+                          timeout=timeout)

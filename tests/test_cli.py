@@ -41,10 +41,13 @@ def test_list_shows_experiments_with_descriptions():
      ["--config.batch_size=100", "divisible by the data-parallel size 8"], EIGHT_DEVICES),
     (["--experiment=mnist_mlp", "--config.num_steps=-3"], ["--config.num_steps=-3"], None),
     (["--experiment=mnist_mlp", "--mode=dance"], ["--mode=dance"], None),
+    (["--experiment=mnist_mlp", "--config.data.manual_dir=/no/such/dir"],
+     ["--config.data.manual_dir=/no/such/dir", "expected the four IDX files"], None),
     (["--experiment=mnist_mlp", "--no_such_flag"], ["no_such_flag"], None),
 ])
-def test_user_mistakes_exit_2_with_one_message(args, fragments, env, tmp_path):
-    result = run_cli(*args, f"--workdir={tmp_path}", env_extra=env)
+@pytest.mark.parametrize("python_flags", [(), ("-O",)], ids=["python", "python -O"])
+def test_user_mistakes_exit_2_with_one_message(args, fragments, env, python_flags, tmp_path):
+    result = run_cli(*args, f"--workdir={tmp_path}", env_extra=env, python_flags=python_flags)
     assert_user_error(result, *fragments)
 
 

@@ -1,5 +1,6 @@
 """Several processes on one machine, as a double of a multi-host pod, through launch/local.py."""
 
+import signal
 import subprocess
 import sys
 import time
@@ -95,6 +96,40 @@ def test_a_dead_process_fails_the_other_within_the_timeout(tmp_path, fashion_mni
     assert processes[0].returncode != 0
     assert time.time() - killed_at < timeout + 30
     assert "another task died" in stderr
+
+
+def test_sigterm_to_one_process_stops_both_at_one_saved_step(tmp_path, fashion_mnist_available):
+    """A preemption notice reaches one host; the sync point makes every host save one step."""
+    sys.path.insert(0, str(LAUNCHER.parent))
+    import local
+
+    common = [*COMMON[:3], "--config.eval_every_steps=1000000",
+              "--config.checkpoint_every_steps=1000000", f"--workdir={tmp_path}"]
+    commands = local.commands(2, local.free_port(), 30, [*common, "--config.num_steps=1000000"])
+    processes = [subprocess.Popen(cmd, env=local.environment(4), cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for cmd in commands]
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (
+                (tmp_path / "metrics.jsonl").exists() and any(
+                    r["step"] >= 8 for r in read_metrics(tmp_path) if r["split"] == "train")):
+            time.sleep(0.1)
+        processes[1].send_signal(signal.SIGTERM)
+        outputs = [p.communicate(timeout=60)[0] for p in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert [p.returncode for p in processes] == [75, 75], outputs
+    saved = int(outputs[0].split("preempted: saved step ")[1].split(";")[0])
+    checkpoints = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                         if p.name.isdigit())
+    assert checkpoints == [saved] and saved >= 8
+
+    result = launch(tmp_path, 2, 4, *common[3:], f"--config.num_steps={saved + 8}")
+    assert f"resumed at step {saved}" in result.stdout
+    steps = [r["step"] for r in read_metrics(tmp_path) if r["split"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == saved + 8
 
 
 def test_dry_run_prints_each_process_command():

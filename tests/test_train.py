@@ -91,6 +91,17 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, tiny_idx_dir):
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert sorted(resumed) == list(range(1, 25))
     assert resumed == straight  # bitwise: same data order, rng and optimizer state
+    run, _ = train.setup(config, module)
+    final = {}
+    for name in ("straight", "resumed"):
+        manager = checkpoint.make_manager(tmp_path / name, 3)
+        final[name] = checkpoint.restore(manager, run.abstract_state)
+        manager.close()
+    assert int(final["resumed"].step) == 24
+    leaves = jax.tree_util.tree_leaves_with_path(final["straight"])  # step, params,
+    others = jax.tree_util.tree_leaves(final["resumed"])  # optimizer state and rng
+    for (path, straight_leaf), resumed_leaf in zip(leaves, others, strict=True):
+        assert np.array_equal(np.asarray(straight_leaf), np.asarray(resumed_leaf)), path
 
 
 def test_eval_mode_reports_the_latest_checkpoint(tmp_path, tiny_idx_dir):
@@ -113,7 +124,7 @@ def test_short_calls_are_powers_of_two(remaining, expected):
 
 
 def test_config_json_round_trips(tmp_path, tiny_idx_dir):
-    from scaling.main import write_config
+    from scaling.workdir import write_config
 
     config, _ = tiny_config(tiny_idx_dir, "mesh.fsdp=2", "mesh.data=4")
     write_config(config, tmp_path)
@@ -157,10 +168,24 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path, tiny_idx_dir):
     run, _ = train.setup(other, module)
     manager = checkpoint.make_manager(tmp_path / "moved", keep=3)
     state = checkpoint.restore(manager, run.abstract_state)
-    manager.close()
     kernel = state.params["hidden_0"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     assert kernel.addressable_shards[0].data.shape == (784 // 2, 128 // 2)
+    # The same values land on fsdp=4 x tensor=2, and on a mesh of only 4 devices.
+    for overrides, devices, shard in ((("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"), None,
+                                       (784 // 4, 128 // 2)),
+                                      (("mesh.data=1", "mesh.fsdp=4"), jax.devices()[:4],
+                                       (784 // 4, 128))):
+        target, _ = tiny_config(tiny_idx_dir, *overrides)
+        target_run, _ = train.setup(target, module, devices=devices)
+        moved = checkpoint.restore(manager, target_run.abstract_state)
+        moved_kernel = moved.params["hidden_0"]["kernel"]
+        assert len(moved_kernel.sharding.device_set) == len(devices or jax.devices())
+        assert moved_kernel.addressable_shards[0].data.shape == shard
+        for restored, reference in zip(jax.tree.leaves(moved), jax.tree.leaves(state),
+                                       strict=True):
+            assert np.array_equal(np.asarray(restored), np.asarray(reference))
+    manager.close()
     train.train_and_evaluate(other, tmp_path / "moved", module)
     straight, moved = losses(tmp_path / "straight"), losses(tmp_path / "moved")
     assert sorted(moved) == list(range(1, 25))

@@ -1,0 +1,140 @@
+"""What produced a workdir, and a guard against restoring it into a different model.
+
+Every start appends one record to `provenance.jsonl`: the resolved config, the experiment file
+and its hash, package versions, the source revision and the devices. A result can then be
+traced to the code and libraries that made it, across every resume. Before a restore, the
+model part of the config is compared with the one the checkpoints were written under, because
+a changed model whose shapes happen to match would otherwise load weights silently.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+
+from scaling.errors import UserError
+
+PACKAGES = ("scaling", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
+            "ml-collections", "tensorflow-datasets")
+# Config sections that define what a checkpoint's arrays mean.
+MODEL_SECTIONS = ("model", "task")
+ALLOW_FLAG = "--allow_config_change"
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_revision(path: Path) -> dict | None:
+    """The commit holding `path`, and whether the work tree differs from it; None outside git."""
+    directory = path if path.is_dir() else path.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(directory), *args], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"),
+                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def record(workdir: Path, config: ml_collections.ConfigDict, experiment_file: Path, mode: str,
+           devices: dict, config_change_allowed: bool = False) -> dict:
+    """Append this start's provenance to WORKDIR/provenance.jsonl and return it."""
+    package_dir = Path(__file__).resolve().parent
+    entry = {
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "mode": mode,
+        "argv": sys.argv,
+        "experiment_file": str(experiment_file),
+        "experiment_sha256": file_sha256(experiment_file),
+        "experiment_revision": git_revision(experiment_file),
+        "scaling_revision": git_revision(package_dir),
+        "packages": package_versions(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "devices": devices,
+        "config_change_allowed": config_change_allowed,
+        "config": config.to_dict(),
+    }
+    with open(workdir / "provenance.jsonl", "a") as f:
+        f.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
+    return entry
+
+
+def has_checkpoint(workdir: Path) -> bool:
+    """Whether a committed checkpoint exists (Orbax renames a step directory to its number
+    only when the save is complete)."""
+    directory = workdir / "checkpoints"
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def check_model_config(workdir: Path, config: ml_collections.ConfigDict,
+                       allow_change: bool) -> list[str]:
+    """Refuse to restore this workdir's checkpoints under a different model config.
+
+    Returns the differences (empty when none); raises UserError for any unless allowed.
+    """
+    recorded_path = workdir / "config.json"
+    if not has_checkpoint(workdir) or not recorded_path.exists():
+        return []
+    try:
+        recorded = json.loads(recorded_path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{recorded_path}: cannot be read ({e}); it records the config the "
+                        "checkpoints were written with. Restore it, or pass "
+                        f"{ALLOW_FLAG}") from None
+    current = json.loads(json.dumps(config.to_dict(), default=str))
+    differences = []
+    for section in MODEL_SECTIONS:
+        differences += _differences(recorded.get(section), current.get(section), section)
+    if differences and not allow_change:
+        raise UserError(
+            f"--workdir={workdir}: its checkpoints were written with a different model "
+            "config:\n  " + "\n  ".join(differences) +
+            f"\nUse the same config, a new --workdir, or pass {ALLOW_FLAG} to restore anyway "
+            "(the arrays must still match in shape and dtype)")
+    return differences
+
+
+def _differences(recorded, current, prefix: str) -> list[str]:
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        found = []
+        for key in sorted(recorded.keys() | current.keys()):
+            found += _differences(recorded.get(key, _ABSENT), current.get(key, _ABSENT),
+                                  f"{prefix}.{key}")
+        return found
+    if _normal(recorded) == _normal(current):
+        return []
+    return [f"{prefix}: {_show(recorded)} in config.json, {_show(current)} now"]
+
+
+_ABSENT = object()
+
+
+def _normal(value):
+    return [_normal(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _show(value) -> str:
+    return "absent" if value is _ABSENT else json.dumps(_normal(value))

@@ -1,0 +1,250 @@
+"""The HTTP server, through real requests on loopback, and its request batching."""
+
+import asyncio
+import contextlib
+import http.client
+import io
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from scaling import config as config_lib
+from scaling import export, serving, train
+from scaling.data.images import read_idx
+from scaling.serve import Batcher
+
+MAX_REQUEST_BYTES = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, tiny_idx_dir):
+    workdir = tmp_path_factory.mktemp("served")
+    config, module = config_lib.load_config("fashion_mnist_mlp", [
+        f"data.manual_dir={tiny_idx_dir}", "num_steps=8", "batch_size=32",
+        "eval_batch_size=96", "steps_per_call=8"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.train_and_evaluate(config, workdir, module)
+    export.export_checkpoint(config, workdir, export.ExportOptions(), module)
+    return workdir / "export"
+
+
+@pytest.fixture(scope="module")
+def test_images(tiny_idx_dir):
+    return read_idx(tiny_idx_dir / "t10k-images-idx3-ubyte.gz")
+
+
+@pytest.fixture(scope="module")
+def expected(artifact, test_images):
+    """What the standalone loader predicts for every test image."""
+    return serving.load(artifact).predict(test_images, top_k=2)
+
+
+class Server:
+    """`python -m scaling.serve` on a free loopback port, read from its first line."""
+
+    def __init__(self, artifact, log_dir, *flags):
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        self.stderr = log_dir / "serve.stderr"
+        with self.stderr.open("w") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "scaling.serve", f"--artifact={artifact}", "--port=0",
+                 "--max_batch_size=16", f"--max_request_bytes={MAX_REQUEST_BYTES}", *flags],
+                stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=REPO, env=env)
+        self.lines = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.port = self._wait_for_port()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def _wait_for_port(self, timeout=120) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.1))
+            if line is None:
+                raise AssertionError(f"the server exited: {self.stderr.read_text()[-2000:]}")
+            found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+            if found:
+                return int(found.group(1))
+
+    def request(self, method, path, body=None):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            if isinstance(body, (dict, list)):
+                body = json.dumps(body).encode()
+            connection.request(method, path, body=body,
+                               headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            connection.close()
+
+    def predict(self, images, **fields):
+        return self.request("POST", "/predict", {"instances": images.tolist(), **fields})
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+    def output(self) -> str:
+        """Everything printed after the first line, once the process has closed stdout."""
+        lines = []
+        while (line := self.lines.get(timeout=60)) is not None:
+            lines.append(line)
+        return "".join(lines)
+
+
+@pytest.fixture(scope="module")
+def server(artifact, tmp_path_factory):
+    running = Server(artifact, tmp_path_factory.mktemp("server"))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def assert_matches(predictions, expected):
+    assert [p["label"] for p in predictions] == [e["label"] for e in expected]
+    for got, want in zip(predictions, expected, strict=True):
+        assert [c["label"] for c in got["top_k"]] == [c["label"] for c in want["top_k"]]
+        assert [c["probability"] for c in got["top_k"]] == pytest.approx(
+            [c["probability"] for c in want["top_k"]], abs=1e-6)
+
+
+def test_valid_requests_get_200_and_the_labels(server, test_images, expected):
+    status, health = server.request("GET", "/healthz")
+    assert status == 200 and health["status"] == "ok"
+    status, body = server.predict(test_images[:5], top_k=2)
+    assert status == 200, body
+    assert_matches(body["predictions"], expected[:5])
+    status, body = server.predict(test_images[5:7, :, :, None])  # with the channel axis
+    assert status == 200 and [len(p["top_k"]) for p in body["predictions"]] == [3, 3]
+    assert [p["label"] for p in body["predictions"]] == [e["label"] for e in expected[5:7]]
+    status, metadata = server.request("GET", "/metadata")
+    assert status == 200 and metadata["input"]["shape"] == [28, 28, 1]
+
+
+IMAGE = np.zeros((28, 28), np.int64)
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    (b'{"instances": [', 400, "not valid JSON"),
+    ({"instances": [IMAGE[:27].tolist()]}, 400, "shape [1, 27, 28]"),
+    ({"instances": [(IMAGE + 0.5).tolist()]}, 400, "float64 values"),
+    ({"instances": [[["x"] * 28] * 28]}, 400, "values"),
+    ({"instances": [(IMAGE + 256).tolist()]}, 400, "outside 0 to 255"),
+    ({"instances": [IMAGE.tolist(), IMAGE[:3].tolist()]}, 400, "ragged"),
+    ({"instances": []}, 400, "non-empty list"),
+    ({"images": [IMAGE.tolist()]}, 400, '{"instances"'),
+    ({"instances": [IMAGE.tolist()], "top_k": 11}, 400, "top_k=11"),
+    ({"instances": [IMAGE.tolist()], "colour": 1}, 400, "unknown fields colour"),
+    (b"[" + b"0," * MAX_REQUEST_BYTES + b"0]", 413, "over the limit"),
+])
+def test_mistakes_get_4xx_and_the_server_lives_on(server, body, status, fragment):
+    got, answer = server.request("POST", "/predict", body)
+    assert got == status and fragment in answer["error"], answer
+    assert server.request("GET", "/healthz")[0] == 200
+
+
+def test_unknown_paths_and_methods_get_4xx(server):
+    assert server.request("GET", "/nothing")[0] == 404
+    status, answer = server.request("GET", "/predict")
+    assert status == 405 and "POST /predict" in answer["error"]
+
+
+def test_concurrent_clients_are_all_served(server, test_images, expected):
+    before = server.request("GET", "/healthz")[1]
+    requests = [(start, 1 + start % 3) for start in range(0, 96, 3)]  # 32 requests
+
+    def send(request):
+        start, count = request
+        status, body = server.predict(test_images[start:start + count], top_k=2)
+        assert status == 200, body
+        assert_matches(body["predictions"], expected[start:start + count])
+        return count
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        served = sum(pool.map(send, requests))
+    after = server.request("GET", "/healthz")[1]
+    assert after["examples"] - before["examples"] == served
+    assert after["model_calls"] - before["model_calls"] <= len(requests)
+
+
+class RecordingModel:
+    """Stands in for a loaded artifact and records the batch sizes it is called with."""
+
+    def __init__(self):
+        self.calls = []
+
+    def predict_arrays(self, images):
+        self.calls.append(len(images))
+        probabilities = np.zeros((len(images), 10), np.float32)
+        probabilities[:, 0] = 1
+        return images[:, 0, 0, 0].astype(np.int32), probabilities
+
+
+def test_waiting_requests_share_model_calls_up_to_the_batch_limit():
+    async def scenario():
+        model = RecordingModel()
+        batcher = Batcher(model, max_batch_size=8, max_wait_s=0.0)
+        requests = [np.full((3, 28, 28, 1), i, np.uint8) for i in range(5)]
+        waiting = [asyncio.ensure_future(batcher.predict(r)) for r in requests]
+        await asyncio.sleep(0)  # every request is queued before the worker starts
+        batcher.start()
+        results = await asyncio.gather(*waiting)
+        await batcher.stop()
+        return model.calls, results
+
+    calls, results = asyncio.run(scenario())
+    assert calls == [6, 6, 3]  # 3 + 3 fit in 8; a third request starts the next batch
+    for i, (labels, probabilities) in enumerate(results):
+        assert labels.tolist() == [i] * 3 and probabilities.shape == (3, 10)
+
+
+def test_sigterm_finishes_the_request_in_flight_and_exits_0(artifact, test_images, expected,
+                                                            tmp_path):
+    # A long batching wait holds the request inside the server while the signal arrives.
+    server = Server(artifact, tmp_path, "--max_wait_ms=1500")
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(server.predict, test_images[:1], top_k=2)
+            deadline = time.monotonic() + 60
+            while server.request("GET", "/healthz")[1]["requests_in_flight"] < 1:
+                assert time.monotonic() < deadline and not pending.done()
+                time.sleep(0.02)
+            server.process.send_signal(signal.SIGTERM)
+            status, body = pending.result(timeout=60)
+        assert status == 200
+        assert_matches(body["predictions"], expected[:1])
+        assert server.stop() == 0
+        assert "stopped after 1 model calls" in server.output()
+    finally:
+        server.stop()
+
+
+def test_a_missing_artifact_is_a_user_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "scaling.serve",
+                             f"--artifact={tmp_path / 'none'}"], capture_output=True, text=True,
+                            cwd=REPO, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "not an exported model" in errors[0]
