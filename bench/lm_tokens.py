@@ -6,7 +6,7 @@ on one CPU measures, in order:
 
     python bench/lm_tokens.py [--steps=N] [--json=PATH]
 
-1. the large-matmul ceiling: a float32 2048x2048 @ 2048x2048 product, jitted XLA and torch;
+1. the large-matmul ceiling (`bench/matmul_ceiling.py`): float32 2048³, jitted XLA and torch;
 2. the framework through its real compiled multi-step call (`Run.train_steps`, a `lax.scan` of
    `steps_per_call` steps) on real chunks of `experiments/shakespeare_char_lm.py` data;
 3. the same architecture, hyperparameters, batches and starting parameters in idiomatic eager
@@ -15,13 +15,14 @@ on one CPU measures, in order:
    of the first chunk.
 
 Each throughput is the median over timed windows of `steps_per_call` steps after warm-up;
-model FLOPs follow `scaling.models.transformer.flops_per_token` (PaLM convention).
+model FLOPs follow `scaling.models.transformer.flops_per_token` (PaLM convention). Page faults
+per step are counted too: fresh temporaries cost time that no FLOP count shows (see
+`bench/README.md`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -31,9 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from machine_load import BUSY_SHARE, cpu_seconds, others_share
+from machine_load import cpu_seconds, page_faults, print_load
+from matmul_ceiling import SIZE as MATMUL_SIZE
+from matmul_ceiling import ceilings as matmul_ceilings
+from results import Check, Contender, write_results
 
 import scaling.config
 import scaling.train
@@ -43,41 +46,8 @@ from scaling.models.transformer import TransformerConfig, count_params
 EXPERIMENT = "shakespeare_char_lm"
 DATA_DIR = Path("/work/shared/datasets/tiny_shakespeare")
 SCHEDULE_STEPS = 1000  # the experiment's num_steps, so the learning-rate schedule is as shipped
-MATMUL_SIZE = 2048
-MATMUL_REPEATS = 10
+TARGET_RATIO = 1.0  # framework tokens/s over PyTorch's, at least
 WARMUP_CALLS = 2  # the first compiles (framework) or allocates (torch); the second settles
-
-
-def matmul_ceiling_xla(n: int = MATMUL_SIZE, repeats: int = MATMUL_REPEATS) -> float:
-    """FLOP/s of one large jitted float32 matmul: the most XLA:CPU gets from this machine."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
-    matmul(a, b).block_until_ready()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        seconds.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(seconds)
-
-
-def matmul_ceiling_torch(n: int = MATMUL_SIZE, repeats: int = MATMUL_REPEATS) -> float:
-    """The same product through torch's BLAS, on all cores."""
-    import torch
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=generator)
-    b = torch.randn(n, n, generator=generator)
-    out = torch.empty(n, n)
-    torch.matmul(a, b, out=out)
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.matmul(a, b, out=out)
-        seconds.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(seconds)
 
 
 def bench_framework(num_steps: int) -> dict[str, Any]:
@@ -101,12 +71,13 @@ def bench_framework(num_steps: int) -> dict[str, Any]:
               for i in range(WARMUP_CALLS + num_calls)]
     placed = [scaling.train.put_chunk(run, chunk) for chunk in chunks]
 
-    seconds, losses = [], []
+    seconds, faults, losses = [], [], []
     for chunk in placed:
-        start = time.perf_counter()
+        start, start_faults = time.perf_counter(), page_faults()
         state, metrics = run.train_steps(state, chunk)
         jax.block_until_ready((state, metrics))
         seconds.append(time.perf_counter() - start)
+        faults.append(page_faults() - start_faults)
         losses.append(np.asarray(metrics["loss"]))
     seq_len = run.items_per_example
     return {"config": config, "model_config": run.model.config, "chunks": chunks,
@@ -114,7 +85,7 @@ def bench_framework(num_steps: int) -> dict[str, Any]:
             "param_count": count_params(init_params), "seq_len": seq_len,
             "flops_per_token": run.flops_per_example / seq_len,
             "call_seconds": seconds[WARMUP_CALLS:], "compile_call_seconds": seconds[0],
-            "steps_per_call": k}
+            "call_page_faults": faults[WARMUP_CALLS:], "steps_per_call": k}
 
 
 def make_torch_model(c: TransformerConfig):
@@ -234,10 +205,14 @@ def framework_logits(model_config: TransformerConfig, params: dict,
     return np.asarray(jax.jit(Transformer(model_config).apply)({"params": params}, tokens))
 
 
-def bench_torch(framework: dict[str, Any]) -> dict[str, Any]:
-    """Eager PyTorch on all cores: the same batches, windows and starting point."""
-    import torch
-    import torch.nn.functional as F
+def bench_torch(framework: dict[str, Any]) -> dict[str, Any] | None:
+    """Eager PyTorch on all cores: the same batches, windows and starting point; None when
+    torch is not installed."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
 
     torch.set_num_threads(os.cpu_count() or 1)
     config, c = framework["config"], framework["model_config"]
@@ -271,75 +246,77 @@ def bench_torch(framework: dict[str, Any]) -> dict[str, Any]:
         return loss.detach()
 
     model.train()
-    seconds, losses = [], []
+    seconds, faults, losses = [], [], []
     for chunk in framework["chunks"]:
         tokens = torch.from_numpy(chunk["tokens"]).long()
-        start = time.perf_counter()
+        start, start_faults = time.perf_counter(), page_faults()
         losses += [train_step(batch) for batch in tokens]
         seconds.append(time.perf_counter() - start)
+        faults.append(page_faults() - start_faults)
     return {"param_count": param_count, "init_logits_max_abs_diff": logits_diff,
             "losses": [float(loss) for loss in losses],
-            "call_seconds": seconds[WARMUP_CALLS:]}
+            "call_seconds": seconds[WARMUP_CALLS:], "call_page_faults": faults[WARMUP_CALLS:]}
 
 
-def summarize(framework: dict[str, Any], pytorch: dict[str, Any], ceilings: dict[str, float],
-              share: float | None) -> dict[str, Any]:
-    config = framework["config"]
-    tokens_per_call = framework["steps_per_call"] * config.batch_size * framework["seq_len"]
-    flops_per_token = framework["flops_per_token"]
-    first = framework["steps_per_call"]
+def contenders_of(framework: dict[str, Any], pytorch: dict[str, Any] | None,
+                  ceilings: dict[str, float]) -> list[Contender]:
+    """Tokens/s of every timed window, with model FLOP/s as a fraction of each ceiling."""
+    tokens_per_call = (framework["steps_per_call"] * framework["config"].batch_size
+                       * framework["seq_len"])
+    results = {"framework": framework, "pytorch": pytorch}
+    contenders: list[Contender] = []
+    for name, result in results.items():
+        if result is None:
+            continue
+        contender = Contender(name, [tokens_per_call / s for s in result["call_seconds"]],
+                              baseline=contenders[0] if contenders else None)
+        model_flops = contender.median * framework["flops_per_token"]
+        contender.extra = {"window_seconds": result["call_seconds"], "model_flops": model_flops,
+                           "page_faults_per_step": (statistics.median(result["call_page_faults"])
+                                                    / framework["steps_per_call"]),
+                           "param_count": result["param_count"], "final_loss": result["losses"][-1],
+                           **{f"fraction_of_{ceiling}_matmul": model_flops / flops
+                              for ceiling, flops in ceilings.items()}}
+        contenders.append(contender)
+    return contenders
+
+
+def agreement(framework: dict[str, Any], pytorch: dict[str, Any]) -> dict[str, float]:
+    """How closely PyTorch's model tracks the framework's: logits at init, losses per step."""
     loss_diff = np.abs(np.subtract(framework["losses"], pytorch["losses"]))
-    out: dict[str, Any] = {
-        "batch_size": config.batch_size, "seq_len": framework["seq_len"],
-        "steps_per_call": first, "tokens_per_step": config.batch_size * framework["seq_len"],
-        "timed_calls": len(framework["call_seconds"]), "warmup_calls": WARMUP_CALLS,
-        "flops_per_token": flops_per_token,
-        "matmul_flops_xla": ceilings["xla"], "matmul_flops_torch": ceilings["torch"],
-        "framework_param_count": framework["param_count"],
-        "pytorch_param_count": pytorch["param_count"],
-        "init_logits_max_abs_diff": pytorch["init_logits_max_abs_diff"],
-        "first_chunk_loss_max_abs_diff": float(loss_diff[:first].max()),
-        "all_steps_loss_max_abs_diff": float(loss_diff.max()),
-        "final_loss_framework": framework["losses"][-1],
-        "final_loss_pytorch": pytorch["losses"][-1],
-        "framework_compile_call_seconds": framework["compile_call_seconds"],
-        "others_cpu_share": share,
-    }
-    for name, result in (("framework", framework), ("pytorch", pytorch)):
-        tokens_per_second = tokens_per_call / statistics.median(result["call_seconds"])
-        out[f"{name}_call_seconds"] = result["call_seconds"]
-        out[f"{name}_tokens_per_second"] = tokens_per_second
-        out[f"{name}_model_flops"] = tokens_per_second * flops_per_token
-        for ceiling in ("xla", "torch"):
-            out[f"{name}_fraction_of_{ceiling}_matmul"] = (tokens_per_second * flops_per_token
-                                                           / ceilings[ceiling])
-    out["framework_over_pytorch"] = (out["framework_tokens_per_second"]
-                                     / out["pytorch_tokens_per_second"])
-    return out
+    return {"init_logits_max_abs_diff": pytorch["init_logits_max_abs_diff"],
+            "first_chunk_loss_max_abs_diff": float(loss_diff[:framework["steps_per_call"]].max()),
+            "all_steps_loss_max_abs_diff": float(loss_diff.max())}
 
 
-def report(r: dict[str, Any]) -> None:
-    print(f"matmul ceiling ({MATMUL_SIZE}^3 float32): XLA {r['matmul_flops_xla'] / 1e9:.1f} "
-          f"GFLOP/s, torch {r['matmul_flops_torch'] / 1e9:.1f} GFLOP/s")
-    print(f"params: framework {r['framework_param_count']:,}, pytorch "
-          f"{r['pytorch_param_count']:,}; init logits max |diff| "
-          f"{r['init_logits_max_abs_diff']:.2e}; loss max |diff| first chunk "
-          f"{r['first_chunk_loss_max_abs_diff']:.2e}, all steps "
-          f"{r['all_steps_loss_max_abs_diff']:.2e} (final {r['final_loss_framework']:.4f} vs "
-          f"{r['final_loss_pytorch']:.4f})")
-    print(f"{r['tokens_per_step']} tokens/step (batch {r['batch_size']} x seq "
-          f"{r['seq_len']}), {r['flops_per_token'] / 1e6:.3f} MFLOP/token; medians of "
-          f"{r['timed_calls']} windows of {r['steps_per_call']} steps after "
-          f"{r['warmup_calls']} warm-up windows")
-    print(f"{'name':<10} {'tokens/s':>9} {'GFLOP/s':>8} {'of XLA mm':>10} {'of torch mm':>12}"
-          f"  windows (s)")
-    for name in ("framework", "pytorch"):
-        windows = " ".join(f"{s:.3f}" for s in r[f"{name}_call_seconds"])
-        print(f"{name:<10} {r[f'{name}_tokens_per_second']:>9,.0f} "
-              f"{r[f'{name}_model_flops'] / 1e9:>8.1f} "
-              f"{r[f'{name}_fraction_of_xla_matmul']:>10.1%} "
-              f"{r[f'{name}_fraction_of_torch_matmul']:>12.1%}  {windows}")
-    print(f"framework / pytorch tokens/s: {r['framework_over_pytorch']:.2f}x")
+def report(contenders: list[Contender], details: dict[str, Any]) -> list[Check]:
+    ceilings = details["matmul_flops"]
+    print(f"matmul ceiling ({MATMUL_SIZE}^3 float32): "
+          + ", ".join(f"{name} {flops / 1e9:.1f} GFLOP/s" for name, flops in ceilings.items()))
+    if "all_steps_loss_max_abs_diff" in details:
+        print(f"init logits max |diff| {details['init_logits_max_abs_diff']:.2e}; loss max |diff| "
+              f"first chunk {details['first_chunk_loss_max_abs_diff']:.2e}, all steps "
+              f"{details['all_steps_loss_max_abs_diff']:.2e}")
+    print(f"{details['tokens_per_step']} tokens/step (batch {details['batch_size']} x seq "
+          f"{details['seq_len']}), {details['flops_per_token'] / 1e6:.3f} MFLOP/token; medians "
+          f"of {details['timed_calls']} windows of {details['steps_per_call']} steps after "
+          f"{details['warmup_calls']} warm-up windows")
+    print(f"{'name':<10} {'params':>8} {'tokens/s':>9} {'GFLOP/s':>8} "
+          + " ".join(f"{f'of {name} mm':>11}" for name in ceilings)
+          + f" {'faults/step':>11} {'final loss':>10}  windows (s)")
+    for c in contenders:
+        windows = " ".join(f"{s:.3f}" for s in c.extra["window_seconds"])
+        print(f"{c.name:<10} {c.extra['param_count']:>8,} {c.median:>9,.0f} "
+              f"{c.extra['model_flops'] / 1e9:>8.1f} "
+              + " ".join(f"{c.extra[f'fraction_of_{name}_matmul']:>11.1%}" for name in ceilings)
+              + f" {c.extra['page_faults_per_step']:>11,.0f} {c.extra['final_loss']:>10.4f}"
+              f"  {windows}")
+    if len(contenders) < 2:
+        return []
+    check = Check("framework / pytorch tokens/s", 1 / contenders[1].ratio,
+                  at_least=TARGET_RATIO)
+    print(check.line())
+    return [check]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -352,20 +329,29 @@ def main(argv: list[str] | None = None) -> None:
     start = cpu_seconds()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores), "
           f"experiment {EXPERIMENT}", flush=True)
-    ceilings = {"xla": matmul_ceiling_xla(), "torch": matmul_ceiling_torch()}
+    ceilings = matmul_ceilings()
     framework = bench_framework(args.steps)
     pytorch = bench_torch(framework)
-    share = others_share(start)
-    results = summarize(framework, pytorch, ceilings, share)
-    report(results)
-    if share is not None:
-        print(f"other processes used {share:.0%} of the CPU during the benchmark")
-        if share > BUSY_SHARE:
-            print("warning: the machine was shared, so the timings are noisy; rerun when "
-                  "it is quiet")
+    if pytorch is None:
+        print("pytorch: skipped (torch is not installed)")
+    config = framework["config"]
+    details = {
+        "batch_size": config.batch_size, "seq_len": framework["seq_len"],
+        "steps_per_call": framework["steps_per_call"],
+        "tokens_per_step": config.batch_size * framework["seq_len"],
+        "timed_calls": len(framework["call_seconds"]), "warmup_calls": WARMUP_CALLS,
+        "flops_per_token": framework["flops_per_token"], "matmul_size": MATMUL_SIZE,
+        "matmul_flops": ceilings,
+        "framework_compile_call_seconds": framework["compile_call_seconds"],
+        **(agreement(framework, pytorch) if pytorch else {}),
+    }
+    contenders = contenders_of(framework, pytorch, ceilings)
+    checks = report(contenders, details)
+    share = print_load(start)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        write_results(args.json, "lm_tokens", "tokens per second", higher_is_better=True,
+                      contenders=contenders, others_cpu_share=share, checks=checks,
+                      details=details)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@
     python -m scaling.main --experiment=lm_1b --config.data.tokenizer_model=PATH.model
     python -m scaling.main --experiment=lm_1b --mode=describe --num_devices=16
 
-Hardware: TPU v5p-32 (16 chips) or v5e-16, or 8-16 H100/H200, with the documented mesh
-fsdp=16 and a global batch of 256 sequences of 2048 tokens (0.5M tokens a step).
-Params and AdamW state: 13.8 GiB in all, 0.9 GiB a chip on 16 chips.
+Hardware: TPU v5p-32 (16 chips), or 8-16 H100/H200, with the documented mesh fsdp=16 and a
+global batch of 256 sequences of 2048 tokens (0.5M tokens a step). Params and AdamW state:
+13.8 GiB in all, 0.9 GiB a chip on 16 chips. `--mode=preflight --topology=v5p-32` on a CPU
+compiles the step to a peak of 71.4 GiB a chip of the 95 GiB. A v5e-16 (16 GiB a chip) needs
+`--config.grad_accum_steps=8`: 11.0 GiB (the whole batch at once needs 56 GiB).
 Expected: the loss depends on your corpus and SentencePiece model; this file fixes the shapes.
 On a CPU it builds abstractly (shapes, shardings, a lowered step) without allocating.
 """

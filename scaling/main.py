@@ -11,7 +11,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from scaling import compile_cache, profiling
+from scaling import compile_cache, platforms, profiling
 from scaling import config as config_lib
 from scaling import workdir as workdir_lib
 from scaling.errors import CheckpointWriteError, DoesNotFit, TrainingDiverged, UserError
@@ -206,6 +206,7 @@ def _fail(message: str) -> None:
 
 
 def main(argv: list[str]) -> None:
+    platforms.skip_absent_tpu()
     try:
         run(argv)
     except UserError as e:

@@ -37,7 +37,7 @@ from absl import app, logging
 from aiohttp import web
 
 from scaling import main as cli
-from scaling import serving
+from scaling import platforms, serving
 from scaling.errors import UserError
 from scaling.postprocess import DEFAULT_TOP_K, resolve_top_k, top_k_records
 
@@ -242,6 +242,7 @@ def run(argv: list[str]) -> None:
 
 
 def main(argv: list[str]) -> None:
+    platforms.skip_absent_tpu()
     logging.set_verbosity(logging.WARNING)
     try:
         run(argv)

@@ -154,3 +154,11 @@ def test_sigterm_saves_the_current_step_and_exits_75(tmp_path, fashion_mnist_ava
                      "--config.eval_every_steps=100000")
     assert result.returncode == 0, result.stderr
     assert f"resumed at step {saved[0]}" in result.stdout
+
+
+def test_no_tpu_runtime_noise_on_a_machine_without_tpus():
+    """libtpu comes with the test extra; without a TPU chip a run must not start it."""
+    result = run_cli("--experiment=mnist_mlp", "--mode=describe",
+                     env_extra={"JAX_PLATFORMS": None})
+    assert result.returncode == 0, result.stderr
+    assert "TPU" not in result.stderr and "libtpu" not in result.stderr, result.stderr

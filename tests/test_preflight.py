@@ -22,7 +22,8 @@ TINY_LM = ["num_steps=1000", "batch_size=16", "eval_batch_size=16", "steps_per_c
            "data.seq_len=32", "model.max_seq_len=32", "model.num_layers=3",
            "model.embed_dim=64", "model.mlp_dim=128", "model.num_heads=8",
            "model.num_kv_heads=8", "model.head_dim=8", "model.vocab_size=256",
-           "model.tie_embeddings=False"]
+           "model.tie_embeddings=False",
+           "model.scan_unroll=1"]  # a layer loop, as large models keep: backward re-gathers
 MESHES = {"dp": ["mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1"],
           "fsdp": ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1"],
           "tp": ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=8"],

@@ -182,11 +182,10 @@ def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(small_disk
     first = run_cli(*tiny_args(tiny_idx_dir, workdir, "--config.num_steps=8"))
     assert first.returncode == 0, first.stderr
     filler = small_disk / "filler"
-    with open(filler, "wb") as f:
+    with open(filler, "wb", buffering=0) as f:  # unbuffered: closing has nothing to flush
         try:
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
         except OSError:
             pass
 

@@ -12,8 +12,10 @@ from jax.sharding import PartitionSpec as P
 
 from scaling.errors import UserError
 from scaling.models.transformer import (
+    Attention,
     Transformer,
     TransformerConfig,
+    apply_rope,
     count_params,
     flops_per_token,
     init_cache,
@@ -123,11 +125,65 @@ def test_scanned_and_unrolled_layers_compute_the_same_function():
                                forward(TINY, scanned, tokens()), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("policy,scan_layers", [("full", True), ("dots", True),
-                                                 ("dots_with_no_batch_dims", True),
-                                                 ("full", False)])
-def test_remat_changes_neither_loss_nor_gradients(policy, scan_layers):
-    base = dataclasses.replace(TINY, scan_layers=scan_layers)
+def test_unrolled_scan_keeps_the_parameters_and_the_function():
+    unrolled = dataclasses.replace(TINY, scan_unroll=TINY.num_layers)
+    params = init_params(TINY)
+    assert jax.tree.map(jnp.shape, init_params(unrolled)) == jax.tree.map(jnp.shape, params)
+    assert nn.get_partition_spec(init_boxed(unrolled)) == nn.get_partition_spec(
+        init_boxed(TINY))
+    assert "while" not in jax.jit(Transformer(unrolled).apply).lower(
+        {"params": params}, tokens()).as_text()
+    np.testing.assert_allclose(forward(unrolled, params, tokens()),
+                               forward(TINY, params, tokens()), rtol=1e-5, atol=1e-5)
+
+
+def test_scan_unroll_must_be_positive():
+    with pytest.raises(UserError, match="scan_unroll=0"):
+        dataclasses.replace(TINY, scan_unroll=0)
+
+
+def per_head_attention(config: TransformerConfig, params, x_BLD):
+    """Causal attention one query head at a time, autodiff's backward: the reference."""
+    positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
+    q = apply_rope(jnp.einsum("bld,dhk->blhk", x_BLD, params["query"]), positions_BL,
+                   config.rope_theta)
+    k = apply_rope(jnp.einsum("bld,dhk->blhk", x_BLD, params["key"]), positions_BL,
+                   config.rope_theta)
+    v = jnp.einsum("bld,dhk->blhk", x_BLD, params["value"])
+    causal = np.tril(np.ones((x_BLD.shape[1],) * 2, bool))
+    heads = []
+    for h in range(config.num_heads):
+        kv = h // (config.num_heads // config.num_kv_heads)  # query head h reads this kv head
+        logits = q[:, :, h] @ jnp.swapaxes(k[:, :, kv], 1, 2) / np.sqrt(config.head_dim)
+        probs = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1)
+        heads.append(probs @ v[:, :, kv])
+    return jnp.einsum("blhk,hkd->bld", jnp.stack(heads, axis=2), params["out"])
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
+def test_attention_and_its_gradients_match_a_per_head_reference(num_kv_heads):
+    config = dataclasses.replace(TINY, num_kv_heads=num_kv_heads)
+    x_BLD = jax.random.normal(jax.random.key(3), (B, L, config.embed_dim))
+    cotangent_BLD = jax.random.normal(jax.random.key(5), x_BLD.shape)
+    attention = Attention(config)
+    params = nn.meta.unbox(attention.init(jax.random.key(4), x_BLD, None)["params"])
+
+    def weighted(apply):
+        return jax.value_and_grad(lambda p, x: jnp.sum(apply(p, x) * cotangent_BLD),
+                                  argnums=(0, 1))(params, x_BLD)
+
+    got = weighted(lambda p, x: attention.apply({"params": p}, x, None))
+    want = weighted(lambda p, x: per_head_attention(config, p, x))
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5),
+                 got, want)
+
+
+@pytest.mark.parametrize("policy,scan_layers,scan_unroll",
+                         [("full", True, 1), ("dots", True, 1),
+                          ("dots_with_no_batch_dims", True, 1), ("full", False, 1),
+                          ("full", True, 2)])
+def test_remat_changes_neither_loss_nor_gradients(policy, scan_layers, scan_unroll):
+    base = dataclasses.replace(TINY, scan_layers=scan_layers, scan_unroll=scan_unroll)
     params = init_params(base)
     value_and_grad = lambda c: jax.jit(jax.value_and_grad(  # noqa: E731
         lambda p: loss(c, p, tokens())))(params)
@@ -140,10 +196,13 @@ def test_remat_changes_neither_loss_nor_gradients(policy, scan_layers):
                  got_grads, want_grads)
 
 
-@pytest.mark.parametrize("num_kv_heads,prefill,scan_layers",
-                         [(2, 1, True), (4, 4, True), (1, 3, True), (2, 2, False)])
-def test_kv_cache_decoding_matches_full_forward(num_kv_heads, prefill, scan_layers):
-    config = dataclasses.replace(TINY, num_kv_heads=num_kv_heads, scan_layers=scan_layers)
+@pytest.mark.parametrize("num_kv_heads,prefill,scan_layers,scan_unroll",
+                         [(2, 1, True, 1), (4, 4, True, 1), (1, 3, True, 1), (2, 2, False, 1),
+                          (2, 3, True, 2)])
+def test_kv_cache_decoding_matches_full_forward(num_kv_heads, prefill, scan_layers,
+                                                scan_unroll):
+    config = dataclasses.replace(TINY, num_kv_heads=num_kv_heads, scan_layers=scan_layers,
+                                 scan_unroll=scan_unroll)
     model = Transformer(config)
     params = init_params(config)
     sequence = tokens(seed=2)
