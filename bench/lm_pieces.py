@@ -29,6 +29,7 @@ import optax
 from machine_load import cpu_seconds, page_faults, print_load
 from results import Contender, write_results
 
+from scaling import platforms
 from scaling.models.transformer import (
     Mlp,
     RMSNorm,
@@ -195,6 +196,7 @@ def time_adamw(repeats: int) -> tuple[tuple[list[float], float], tuple[list[floa
 
 
 def main(argv: list[str] | None = None) -> None:
+    platforms.skip_absent_tpu()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=REPEATS, help="timed calls per piece")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")

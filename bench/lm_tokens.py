@@ -40,6 +40,7 @@ from results import Check, Contender, write_results
 
 import scaling.config
 import scaling.train
+from scaling import platforms
 from scaling.data import dataset as dataset_lib
 from scaling.models.transformer import TransformerConfig, count_params
 
@@ -320,6 +321,7 @@ def report(contenders: list[Contender], details: dict[str, Any]) -> list[Check]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    platforms.skip_absent_tpu()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50,
                         help="timed steps per contender, in whole calls of steps_per_call")

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from machine_load import cpu_seconds, print_load
 from results import Contender, write_results
 
+from scaling import platforms
+
 SIZE = 2048  # the ceiling the other benchmarks quote
 REPEATS = 10
 
@@ -71,6 +73,7 @@ def ceilings(n: int = SIZE, repeats: int = REPEATS) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    platforms.skip_absent_tpu()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=f"{SIZE},4096",
                         help="comma-separated matrix sizes n, each an (n, n) @ (n, n) product")

@@ -10,6 +10,8 @@ measures that in one process on one machine, so the numbers are comparable:
     metrics.jsonl: once doing the hand-written loop's work (training; eval and checkpoint
     only at the end), and once as the experiment ships ("fw recipe": a test-set eval every
     epoch and an async checkpoint every 1000 steps);
+    The framework also runs without the experiment's `xla_options` ("fw no xla_opts"), and
+    the hand-written loop with them ("jax + xla_opts"), to show what the options contribute;
 (b) a minimal hand-written `jax.jit` loop, one step per call with donated state;
 (c) an idiomatic PyTorch loop, if torch is installed;
 (d) the founding document's Keras code (`bench/keras_mlp.py`), run by the Python of a
@@ -43,9 +45,11 @@ import optax
 from machine_load import cpu_seconds, print_load
 from results import Check, Contender, write_results
 
+import scaling.compiler_options
 import scaling.config
 import scaling.metrics
 import scaling.train
+from scaling import platforms
 from scaling.data.images import read_idx
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -75,7 +79,7 @@ def load_arrays() -> dict[str, np.ndarray]:
             "test_y": labels("t10k-labels-idx1-ubyte.gz")}
 
 
-def bench_framework(epochs: int, recipe: bool) -> dict:
+def bench_framework(epochs: int, recipe: bool, xla_options: bool = True) -> dict:
     """The real `train_and_evaluate`, timed from the records it writes every epoch.
 
     With `recipe`, the experiment runs as shipped: a test-set evaluation every epoch and a
@@ -89,6 +93,9 @@ def bench_framework(epochs: int, recipe: bool) -> dict:
         overrides += [f"log_every_steps={steps_per_epoch}", "eval_every_steps=1000000000",
                       "checkpoint_every_steps=1000000000"]
     config, module = scaling.config.load_config("fashion_mnist_mlp", overrides)
+    if not xla_options:
+        with config.unlocked():
+            config.xla_options = {}
     with tempfile.TemporaryDirectory() as workdir:
         start = time.time()
         with contextlib.redirect_stdout(io.StringIO()):  # keep the table readable
@@ -112,7 +119,13 @@ class MLP(nn.Module):
         return nn.Dense(NUM_CLASSES)(x)
 
 
-def bench_jax(data: dict[str, np.ndarray], epochs: int) -> dict:
+def experiment_xla_options() -> dict:
+    """The CPU compiler options `fashion_mnist_mlp` gives its steps."""
+    config, _ = scaling.config.load_config("fashion_mnist_mlp", [])
+    return scaling.compiler_options.for_platform(config, "cpu")
+
+
+def bench_jax(data: dict[str, np.ndarray], epochs: int, compiler_options=None) -> dict:
     """What a competent user writes: data on device, one jitted, donating step per batch."""
     model = MLP()
     tx = optax.adam(LEARNING_RATE, eps=ADAM_EPS)
@@ -126,7 +139,7 @@ def bench_jax(data: dict[str, np.ndarray], epochs: int) -> dict:
         logits = model.apply({"params": params}, x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    @jax.jit(donate_argnums=(0, 1))
+    @jax.jit(donate_argnums=(0, 1), compiler_options=compiler_options)
     def train_step(params, opt_state, train_x, train_y, batch_indices, step):
         index = batch_indices[step]
         loss, grads = jax.value_and_grad(loss_fn)(params, train_x[index], train_y[index])
@@ -207,7 +220,9 @@ def bench_keras(data: dict[str, np.ndarray], epochs: int, python: Path) -> dict 
 CONTENDERS = {  # result key: what the row is
     "framework": "framework, same work as the hand-written loop",
     "fw recipe": "framework as shipped: test eval every epoch, checkpoints",
+    "fw no xla_opts": "framework, same work, without the experiment's xla_options",
     "jax": "hand-written jax.jit loop",
+    "jax + xla_opts": "hand-written jax.jit loop with the experiment's xla_options",
     "pytorch": "PyTorch loop",
     "keras": "founding document's Keras code",
 }
@@ -215,11 +230,11 @@ CONTENDERS = {  # result key: what the row is
 
 def report(contenders: list[Contender], examples_per_epoch: int) -> list[Check]:
     """The table, and the targets each ratio is held to."""
-    print(f"{'name':<12} {'epoch s':>8} {'examples/s':>11} {'vs framework':>13} "
+    print(f"{'name':<15} {'epoch s':>8} {'examples/s':>11} {'vs framework':>13} "
           f"{'test acc':>9}  epochs (s)")
     for c in contenders:
         epochs = " ".join(f"{s:.2f}" for s in c.samples)
-        print(f"{c.name:<12} {c.median:>8.3f} {examples_per_epoch / c.median:>11,.0f} "
+        print(f"{c.name:<15} {c.median:>8.3f} {examples_per_epoch / c.median:>11,.0f} "
               f"{c.ratio:>12.2f}x {c.extra['test_accuracy']:>9.4f}  {epochs}")
     by_name = {c.name: c for c in contenders}
     checks = [Check("framework / hand-written jax epoch time, same work",
@@ -238,6 +253,7 @@ def report(contenders: list[Contender], examples_per_epoch: int) -> list[Check]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    platforms.skip_absent_tpu()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10, help="epochs per contender (>= 2)")
     parser.add_argument("--keras_python", type=Path, default=KERAS_PYTHON,
@@ -255,7 +271,9 @@ def main(argv: list[str] | None = None) -> None:
 
     results = {"framework": bench_framework(args.epochs, recipe=False),
                "fw recipe": bench_framework(args.epochs, recipe=True),
-               "jax": bench_jax(data, args.epochs)}
+               "fw no xla_opts": bench_framework(args.epochs, recipe=False, xla_options=False),
+               "jax": bench_jax(data, args.epochs),
+               "jax + xla_opts": bench_jax(data, args.epochs, experiment_xla_options())}
     torch_result = bench_torch(data, args.epochs)
     if torch_result is None:
         print("pytorch: skipped (torch is not installed)")

@@ -51,6 +51,7 @@ import scaling.export
 import scaling.predict
 import scaling.serving
 import scaling.train
+from scaling import platforms
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH_SIZE = 1000
@@ -171,6 +172,7 @@ def bench_server(artifact: Path, images: np.ndarray, clients: int, requests: int
 
 
 def main(argv: list[str] | None = None) -> None:
+    platforms.skip_absent_tpu()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20, help="timed passes per contender")
     parser.add_argument("--clients", type=int, default=8, help="concurrent HTTP clients")

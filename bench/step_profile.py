@@ -31,6 +31,7 @@ from results import Contender, write_results
 
 import scaling.config
 import scaling.train
+from scaling import platforms
 from scaling.data import dataset as dataset_lib
 
 PARTS = ("attention_norm", "mlp_norm", "final_norm", "attention", "mlp", "embedding",
@@ -91,6 +92,7 @@ def profile(config, module, calls: int) -> tuple[dict[str, float], float]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    platforms.skip_absent_tpu()
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", default="shakespeare_char_lm")

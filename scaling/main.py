@@ -119,6 +119,10 @@ def run(argv: list[str]) -> None:
         raise UserError(f"--mode={FLAGS.mode}: expected one of {', '.join(MODES)}")
     config, experiment = config_lib.load_config(FLAGS.experiment, _overrides)
     profile_steps = profiling.parse_steps(FLAGS.profile_steps, FLAGS.mode)
+    if FLAGS.mode in ("train", "eval", "predict"):
+        from scaling.data import read_ahead
+
+        read_ahead(config)  # decompresses while the heavy imports below run
     from scaling import distributed, train  # heavy imports once the command line is good
 
     if FLAGS.mode != "preflight":  # executables for a TPU topology cannot be loaded back here

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from scaling import checkpoint, hardware, profiling
+from scaling import checkpoint, compiler_options, hardware, profiling
 from scaling import mesh as mesh_lib
 from scaling.data import dataset as dataset_lib
 from scaling.data import element_spec, load_dataset
@@ -229,6 +229,9 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
         return sum_metrics(sums)
 
     replicated = mesh_lib.replicated(mesh)
+    platform = compiler_options.mesh_platform(mesh)
+    xla_options = compiler_options.for_platform(config, platform)
+    compiler_options.check(xla_options, platform)
     return Run(
         config=config, mesh=mesh, rules=rules, model=model, task=task, total_steps=total,
         steps_per_epoch=per_epoch, schedule=schedule, state_shardings=state_shardings,
@@ -238,11 +241,12 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
         items_per_example=task.items_per_example(element_spec),
         train_steps=mesh_lib.with_mesh_rules(
             jax.jit(train_steps, in_shardings=(state_shardings, chunk_sharding),
-                    out_shardings=(state_shardings, replicated), donate_argnums=0),
+                    out_shardings=(state_shardings, replicated), donate_argnums=0,
+                    compiler_options=xla_options or None),
             mesh, rules),
         evaluate_chunk=mesh_lib.with_mesh_rules(
             jax.jit(evaluate_chunk, in_shardings=(state_shardings.params, chunk_sharding),
-                    out_shardings=replicated),
+                    out_shardings=replicated, compiler_options=xla_options or None),
             mesh, rules))
 
 

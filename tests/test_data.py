@@ -94,3 +94,30 @@ def test_eval_chunk_covers_every_example_exactly_once():
     real = chunk["x"][chunk["mask"]]
     np.testing.assert_array_equal(np.sort(real), np.arange(1, 1001))
     assert not chunk["x"][~chunk["mask"]].any()
+
+
+def test_read_ahead_gives_the_same_arrays_and_is_claimed_once(tiny_idx_dir):
+    config = ml_collections.ConfigDict({"name": "mnist", "manual_dir": str(tiny_idx_dir),
+                                        "tfds_data_dir": ""})
+    direct = images.load_image_dataset(config)
+    images.read_ahead(config)
+    assert len(images._read_ahead) == 4
+    ahead = images.load_image_dataset(config)
+    assert not images._read_ahead  # every file claimed; a later load reads from disk again
+    for split in ("train", "test"):
+        want = direct.train if split == "train" else direct.eval_splits["test"]
+        got = ahead.train if split == "train" else ahead.eval_splits["test"]
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_read_ahead_errors_surface_where_the_file_is_read(tmp_path):
+    for pair in images.IDX_FILES.values():
+        for name in pair:
+            (tmp_path / name).write_bytes(b"not gzip")
+    config = ml_collections.ConfigDict({"name": "mnist", "manual_dir": str(tmp_path),
+                                        "tfds_data_dir": ""})
+    images.read_ahead(config)
+    with pytest.raises(UserError, match="cannot read IDX file"):
+        images.load_image_dataset(config)
+    images._read_ahead.clear()  # the files the failed load never reached

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
+from scaling import compiler_options, profiling, train
 from scaling import config as config_lib
 from scaling import mesh as mesh_lib
-from scaling import profiling, train
 from scaling.data import element_spec
 from scaling.errors import UserError
 
@@ -213,3 +213,44 @@ def test_bad_profile_flag_exits_2(tmp_path):
     assert result.returncode == 2
     [line] = error_lines(result)
     assert "--profile_steps=9:3" in line
+
+
+def test_experiment_xla_options_reach_its_compiled_steps(tmp_path, tiny_idx_dir):
+    """`xla_options.cpu` is passed to the train and eval steps' compiles (observed through an
+    option with a visible effect: XLA dumps the programs it compiles), and a platform the
+    mesh is not on contributes nothing."""
+    config, module = tiny_config(tiny_idx_dir)
+    dump = tmp_path / "dump"
+    with config.unlocked():
+        config.xla_options.cpu.xla_dump_to = str(dump)
+        config.xla_options.tpu = {"xla_tpu_no_such_option": True}
+    assert compiler_options.for_platform(config, "cpu") == {
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE",
+        "xla_dump_to": str(dump)}
+    train.train_and_evaluate(config, tmp_path / "run", module, devices=jax.devices()[:1])
+    dumped = {p.name for p in dump.iterdir()}
+    for name in ("train_steps", "evaluate_chunk"):
+        assert any(f"jit_{name}" in n and n.endswith(".txt") for n in dumped), sorted(dumped)
+
+
+@pytest.mark.parametrize("name, value, fragment", [
+    ("xla_cpu_no_such_option", "1", "xla_cpu_no_such_option"),
+    ("xla_cpu_experimental_ynn_fusion_type", "bogus", "'bogus' is not a valid enum value"),
+])
+def test_bad_xla_options_are_user_errors_naming_the_key(tiny_idx_dir, name, value, fragment):
+    config, module = tiny_config(tiny_idx_dir)
+    with config.unlocked():
+        config.xla_options.cpu[name] = value
+    with pytest.raises(UserError, match=rf"--config\.xla_options\.cpu\.{name}=") as error:
+        train.setup(config, module, devices=jax.devices()[:1])
+    assert fragment in str(error.value)
+
+
+def test_bad_xla_option_value_exits_2(tmp_path, tiny_idx_dir):
+    result = run_cli(*tiny_cli_args(tiny_idx_dir, f"--workdir={tmp_path}",
+                                    "--config.xla_options.cpu.xla_cpu_experimental_ynn_fusion_"
+                                    "type=bogus"))
+    assert result.returncode == 2
+    [line] = error_lines(result)
+    assert "--config.xla_options.cpu.xla_cpu_experimental_ynn_fusion_type='bogus'" in line
+    assert not (tmp_path / "checkpoints").exists()

@@ -1,6 +1,9 @@
-"""Datasets: loading, deterministic order and batching."""
+"""Datasets: loading, deterministic order and batching.
 
-import jax
+Nothing here imports JAX at module level, so a dataset can start loading while the rest of
+the framework is still being imported (`read_ahead`).
+"""
+
 import ml_collections
 import numpy as np
 
@@ -29,8 +32,22 @@ def load_dataset(config: ml_collections.ConfigDict) -> ArrayDataset:
     raise _unknown(config.data.name)
 
 
+def read_ahead(config: ml_collections.ConfigDict) -> None:
+    """Start reading the dataset's local files on a thread; `load_dataset` claims the result.
+
+    Decompressing Fashion-MNIST takes 0.25 s, and zlib releases the GIL while it works, so
+    started before the framework's imports it costs a run's start-up nothing.
+    """
+    if config.data.name in IMAGE_DATASETS:
+        from scaling.data import images
+
+        images.read_ahead(config.data)
+
+
 def element_spec(config: ml_collections.ConfigDict) -> dict:
     """Shape and dtype of one training example, known without loading any data."""
+    import jax
+
     if config.data.name in IMAGE_DATASETS:
         return {"image": jax.ShapeDtypeStruct((28, 28, 1), np.uint8),
                 "label": jax.ShapeDtypeStruct((), np.int32)}
