@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from scaling.errors import UserError
 from scaling.models.transformer import (
+    ATTENTION_FORMS,
     Attention,
     Transformer,
     TransformerConfig,
@@ -142,6 +143,11 @@ def test_scan_unroll_must_be_positive():
         dataclasses.replace(TINY, scan_unroll=0)
 
 
+def test_unknown_attention_form_is_a_user_error():
+    with pytest.raises(UserError, match="attention='flash'.*grouped_einsum, batched_matmul"):
+        dataclasses.replace(TINY, attention="flash")
+
+
 def per_head_attention(config: TransformerConfig, params, x_BLD):
     """Causal attention one query head at a time, autodiff's backward: the reference."""
     positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
@@ -160,9 +166,10 @@ def per_head_attention(config: TransformerConfig, params, x_BLD):
     return jnp.einsum("blhk,hkd->bld", jnp.stack(heads, axis=2), params["out"])
 
 
+@pytest.mark.parametrize("attention", ATTENTION_FORMS)
 @pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
-def test_attention_and_its_gradients_match_a_per_head_reference(num_kv_heads):
-    config = dataclasses.replace(TINY, num_kv_heads=num_kv_heads)
+def test_attention_and_its_gradients_match_a_per_head_reference(num_kv_heads, attention):
+    config = dataclasses.replace(TINY, num_kv_heads=num_kv_heads, attention=attention)
     x_BLD = jax.random.normal(jax.random.key(3), (B, L, config.embed_dim))
     cotangent_BLD = jax.random.normal(jax.random.key(5), x_BLD.shape)
     attention = Attention(config)
@@ -196,13 +203,14 @@ def test_remat_changes_neither_loss_nor_gradients(policy, scan_layers, scan_unro
                  got_grads, want_grads)
 
 
-@pytest.mark.parametrize("num_kv_heads,prefill,scan_layers,scan_unroll",
-                         [(2, 1, True, 1), (4, 4, True, 1), (1, 3, True, 1), (2, 2, False, 1),
-                          (2, 3, True, 2)])
+@pytest.mark.parametrize("num_kv_heads,prefill,scan_layers,scan_unroll,attention",
+                         [(2, 1, True, 1, "grouped_einsum"), (4, 4, True, 1, "grouped_einsum"),
+                          (1, 3, True, 1, "grouped_einsum"), (2, 2, False, 1, "grouped_einsum"),
+                          (2, 3, True, 2, "batched_matmul"), (1, 1, True, 1, "batched_matmul")])
 def test_kv_cache_decoding_matches_full_forward(num_kv_heads, prefill, scan_layers,
-                                                scan_unroll):
+                                                scan_unroll, attention):
     config = dataclasses.replace(TINY, num_kv_heads=num_kv_heads, scan_layers=scan_layers,
-                                 scan_unroll=scan_unroll)
+                                 scan_unroll=scan_unroll, attention=attention)
     model = Transformer(config)
     params = init_params(config)
     sequence = tokens(seed=2)
