@@ -20,6 +20,8 @@ with its config key named, before the real step compiles.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -41,24 +43,21 @@ def for_platform(config: ml_collections.ConfigDict, platform: str | None) -> Opt
     return dict(options.items())
 
 
-def mesh_platform(mesh) -> str | None:
-    """The platform of a concrete mesh's devices; None for a mesh that is only a shape."""
-    if isinstance(mesh, jax.sharding.AbstractMesh):
-        return None
-    return mesh.devices.flat[0].platform
-
-
-def check(options: Options, platform: str) -> None:
+def check(options: Options, platform: str | None) -> None:
     """Compile a trivial program with each option on this machine's `platform` devices, so
     a misspelt name or a bad value is a UserError naming its config key."""
     if not options or platform != jax.default_backend():
         return  # another platform's options can only be checked where they compile
     for name, value in options.items():
-        try:
-            jax.jit(jnp.negative, compiler_options={name: value}).lower(
-                jnp.zeros(2)).compile()
-        except Exception as e:  # XLA raises a bare runtime error for unknown names or values
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UserError(f"--config.xla_options.{platform}.{name}={value!r}: XLA refused "
-                            f"it ({reason}); names and values are fields of XLA's "
-                            "DebugOptions") from None
+        _check_one(platform, name, value)
+
+
+@functools.cache  # every run built in one process would otherwise compile it again
+def _check_one(platform: str, name: str, value: str | bool | int | float) -> None:
+    try:
+        jax.jit(jnp.negative, compiler_options={name: value}).lower(jnp.zeros(2)).compile()
+    except Exception as e:  # XLA raises a bare runtime error for unknown names or values
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"--config.xla_options.{platform}.{name}={value!r}: XLA refused it "
+                        f"({reason}); names and values are fields of XLA's DebugOptions"
+                        ) from None

@@ -101,6 +101,14 @@ def make_abstract_mesh(mesh_config: ml_collections.ConfigDict, num_devices: int)
     return AbstractMesh(tuple(ici[a] * dcn[a] for a in MESH_AXES), MESH_AXES)
 
 
+def platform(mesh: Mesh | AbstractMesh) -> str | None:
+    """The platform of a concrete mesh's devices (cpu, gpu, tpu); None for a mesh that is
+    only a shape."""
+    if isinstance(mesh, AbstractMesh):
+        return None
+    return mesh.devices.flat[0].platform
+
+
 def rules_from_config(config: ml_collections.ConfigDict) -> tuple:
     """The config's rules as the tuple of (logical, mesh axes) pairs that flax expects."""
     rules = []

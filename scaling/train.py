@@ -229,7 +229,7 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
         return sum_metrics(sums)
 
     replicated = mesh_lib.replicated(mesh)
-    platform = compiler_options.mesh_platform(mesh)
+    platform = mesh_lib.platform(mesh)
     xla_options = compiler_options.for_platform(config, platform)
     compiler_options.check(xla_options, platform)
     return Run(

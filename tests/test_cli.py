@@ -44,6 +44,8 @@ def test_list_shows_experiments_with_descriptions():
     (["--experiment=mnist_mlp", "--config.data.manual_dir=/no/such/dir"],
      ["--config.data.manual_dir=/no/such/dir", "expected the four IDX files"], None),
     (["--experiment=mnist_mlp", "--no_such_flag"], ["no_such_flag"], None),
+    (["--experiment=shakespeare_char_lm", "--mode=describe", "--config.model.attention=flash"],
+     ["--config.model.attention='flash'", "grouped_einsum, batched_matmul"], None),
 ])
 @pytest.mark.parametrize("python_flags", [(), ("-O",)], ids=["python", "python -O"])
 def test_user_mistakes_exit_2_with_one_message(args, fragments, env, python_flags, tmp_path):

@@ -112,9 +112,8 @@ def test_read_ahead_gives_the_same_arrays_and_is_claimed_once(tiny_idx_dir):
 
 
 def test_read_ahead_errors_surface_where_the_file_is_read(tmp_path):
-    for pair in images.IDX_FILES.values():
-        for name in pair:
-            (tmp_path / name).write_bytes(b"not gzip")
+    for name in images.ALL_IDX_FILES:
+        (tmp_path / name).write_bytes(b"not gzip")
     config = ml_collections.ConfigDict({"name": "mnist", "manual_dir": str(tmp_path),
                                         "tfds_data_dir": ""})
     images.read_ahead(config)

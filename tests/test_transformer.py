@@ -172,14 +172,14 @@ def test_attention_and_its_gradients_match_a_per_head_reference(num_kv_heads, at
     config = dataclasses.replace(TINY, num_kv_heads=num_kv_heads, attention=attention)
     x_BLD = jax.random.normal(jax.random.key(3), (B, L, config.embed_dim))
     cotangent_BLD = jax.random.normal(jax.random.key(5), x_BLD.shape)
-    attention = Attention(config)
-    params = nn.meta.unbox(attention.init(jax.random.key(4), x_BLD, None)["params"])
+    module = Attention(config)
+    params = nn.meta.unbox(module.init(jax.random.key(4), x_BLD, None)["params"])
 
     def weighted(apply):
         return jax.value_and_grad(lambda p, x: jnp.sum(apply(p, x) * cotangent_BLD),
                                   argnums=(0, 1))(params, x_BLD)
 
-    got = weighted(lambda p, x: attention.apply({"params": p}, x, None))
+    got = weighted(lambda p, x: module.apply({"params": p}, x, None))
     want = weighted(lambda p, x: per_head_attention(config, p, x))
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5),
                  got, want)

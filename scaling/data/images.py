@@ -33,6 +33,7 @@ IDX_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
+ALL_IDX_FILES = tuple(name for pair in IDX_FILES.values() for name in pair)
 
 WELL_KNOWN_DIRS = {
     "fashion_mnist": ("/usr/share/datasets/fashion-mnist",),
@@ -101,7 +102,7 @@ def read_ahead(data_config: ml_collections.ConfigDict) -> None:
     directory = next((d for d in candidates if has_idx_files(d)), None)
     if directory is None:
         return
-    paths = [(directory / f).resolve() for pair in IDX_FILES.values() for f in pair]
+    paths = [(directory / name).resolve() for name in ALL_IDX_FILES]
     futures = {path: Future() for path in paths if path not in _read_ahead}
 
     def parse_all():
@@ -116,7 +117,7 @@ def read_ahead(data_config: ml_collections.ConfigDict) -> None:
 
 
 def has_idx_files(directory: Path) -> bool:
-    return all((directory / f).is_file() for pair in IDX_FILES.values() for f in pair)
+    return all((directory / name).is_file() for name in ALL_IDX_FILES)
 
 
 def load_idx_directory(directory: Path, name: str) -> ArrayDataset:
@@ -221,7 +222,7 @@ def load_image_dataset(data_config: ml_collections.ConfigDict) -> ArrayDataset:
     if data_config.manual_dir:
         directory = Path(data_config.manual_dir).expanduser()
         if not has_idx_files(directory):
-            wanted = ", ".join(f for pair in IDX_FILES.values() for f in pair)
+            wanted = ", ".join(ALL_IDX_FILES)
             raise UserError(f"--config.data.manual_dir={directory}: expected the four IDX files "
                             f"{wanted}")
         return load_idx_directory(directory, name)

@@ -43,7 +43,10 @@ def transformer_config(model_config: ml_collections.ConfigDict):
     if unknown:
         raise UserError(f"--config.model: unknown transformer fields {', '.join(unknown)}; "
                         f"expected some of {', '.join(sorted(fields))}")
-    return TransformerConfig(**{k: v for k, v in model_config.items() if k in fields})
+    try:
+        return TransformerConfig(**{k: v for k, v in model_config.items() if k in fields})
+    except UserError as e:  # its messages start with the field: name the flag that sets it
+        raise UserError(f"--config.model.{e}") from None
 
 
 def training_flops_per_example(model: nn.Module, params, element_spec: dict) -> float:

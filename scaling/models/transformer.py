@@ -158,14 +158,17 @@ def attend(q_BKMDh: jax.Array, k_BKSDh: jax.Array, v_BKSDh: jax.Array,
     return _attend_forward(q_BKMDh, k_BKSDh, v_BKSDh, mask_LS)[0]
 
 
+def _masked_softmax(logits_LS: jax.Array, mask_LS: jax.Array) -> jax.Array:
+    """Float32 softmax over the last axis, with the keys `mask_LS` hides at probability 0."""
+    return jax.nn.softmax(jnp.where(mask_LS, logits_LS, jnp.finfo(jnp.float32).min), axis=-1)
+
+
 def _softmax_probs(q_BKMDh: jax.Array, k_BKSDh: jax.Array, mask_LS: jax.Array) -> jax.Array:
     B, K, M, Dh = q_BKMDh.shape
     (L, S), G = mask_LS.shape, M // mask_LS.shape[0]
     logits_BKMS = jnp.einsum("bkmd,bksd->bkms", q_BKMDh, k_BKSDh,
                              preferred_element_type=jnp.float32) * Dh**-0.5
-    logits_BKGLS = jnp.where(mask_LS, logits_BKMS.reshape(B, K, G, L, S),
-                             jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(logits_BKGLS, axis=-1).reshape(B, K, M, S)
+    return _masked_softmax(logits_BKMS.reshape(B, K, G, L, S), mask_LS).reshape(B, K, M, S)
 
 
 def _attend_forward(q_BKMDh, k_BKSDh, v_BKSDh, mask_LS):
@@ -211,8 +214,7 @@ def grouped_einsum_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: ja
     q_BLKGDh = q_BLHDh.reshape(B, L, K, H // K, Dh)
     logits_BKGLS = jnp.einsum("blkgd,bskd->bkgls", q_BLKGDh, k_BSKDh,
                               preferred_element_type=jnp.float32) * Dh**-0.5
-    logits_BKGLS = jnp.where(mask_LS, logits_BKGLS, jnp.finfo(jnp.float32).min)
-    probs_BKGLS = jax.nn.softmax(logits_BKGLS, axis=-1).astype(q_BLHDh.dtype)
+    probs_BKGLS = _masked_softmax(logits_BKGLS, mask_LS).astype(q_BLHDh.dtype)
     out_BLKGDh = jnp.einsum("bkgls,bskd->blkgd", probs_BKGLS, v_BSKDh)
     return out_BLKGDh.reshape(B, L, H, Dh)
 
@@ -232,7 +234,8 @@ def batched_matmul_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: ja
     return out_BKMDh.reshape(B, K, G, L, Dh).transpose(0, 3, 1, 2, 4).reshape(B, L, H, Dh)
 
 
-ATTENTION_FORMS = ("grouped_einsum", "batched_matmul")
+ATTENTION_FORMS = {"grouped_einsum": grouped_einsum_attention,
+                   "batched_matmul": batched_matmul_attention}
 
 
 class Attention(nn.Module):
@@ -289,9 +292,7 @@ class Attention(nn.Module):
         k_slot_S = jnp.arange(k_BSKDh.shape[1])
 
         mask_LS = k_slot_S[None, :] <= q_slot_L[:, None]
-        attention = (batched_matmul_attention if c.attention == "batched_matmul"
-                     else grouped_einsum_attention)
-        out_BLHDh = attention(q_BLHDh, k_BSKDh, v_BSKDh, mask_LS)
+        out_BLHDh = ATTENTION_FORMS[c.attention](q_BLHDh, k_BSKDh, v_BSKDh, mask_LS)
         out_BLHDh = nn.with_logical_constraint(out_BLHDh, names)
         return (out_BLHDh.reshape(B * L, H * Dh) @ w_HDhD.reshape(H * Dh, D)).reshape(B, L, D)
 
