@@ -6,6 +6,10 @@ array is read, the checkpoint's own metadata is compared with that abstract stat
 would otherwise cast a changed dtype silently, and a changed width would fail deep inside
 TensorStore. Orbax stages each save in a temporary directory and renames it only once every
 array is written, so a save killed or failed half-way is never taken for a checkpoint.
+
+Importing Orbax takes about 0.12 s, a tenth of a warm start. A fresh run needs it only at its
+first save, so `Checkpoints` imports it and makes Orbax's manager on first use; until then it
+lists the committed steps from the directory names alone.
 """
 
 from __future__ import annotations
@@ -16,51 +20,96 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
-import orbax.checkpoint as ocp
 
 from scaling.errors import CheckpointWriteError, UserError
 
 MAX_LISTED_MISMATCHES = 40
 
 
-def make_manager(workdir: Path, keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=True, create=True,
-        cleanup_tmp_directories=True)
-    quiet_tracebacks()
-    # The handler is named up front so a fresh manager can read metadata before any save.
-    return ocp.CheckpointManager(Path(workdir).resolve() / "checkpoints", options=options,
-                                 item_handlers=ocp.StandardCheckpointHandler())
+def committed_steps(directory: Path) -> list[int]:
+    """Steps saved completely in `directory`: Orbax renames a save's staging directory to the
+    bare step number only once every array is written."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
-def save(manager: ocp.CheckpointManager, state, *, force: bool = False) -> None:
+class Checkpoints:
+    """The checkpoints of one workdir: Orbax's asynchronous manager, made on first use."""
+
+    def __init__(self, workdir: Path, keep: int):
+        self.directory = Path(workdir).resolve() / "checkpoints"
+        self.keep = keep
+        self._orbax = None
+        self.saving: int | None = None  # the step of the latest save started
+
+    @property
+    def orbax(self):
+        if self._orbax is None:
+            import orbax.checkpoint as ocp
+
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=self.keep, enable_async_checkpointing=True, create=True,
+                cleanup_tmp_directories=True)
+            quiet_tracebacks()
+            # The handler is named up front so a fresh manager can read metadata before any
+            # save.
+            self._orbax = ocp.CheckpointManager(self.directory, options=options,
+                                                item_handlers=ocp.StandardCheckpointHandler())
+        return self._orbax
+
+    @property
+    def opened(self) -> bool:
+        """Whether Orbax's manager exists, i.e. something was saved or restored."""
+        return self._orbax is not None
+
+    def all_steps(self) -> list[int]:
+        if self._orbax is None:
+            return committed_steps(self.directory)
+        return sorted(self._orbax.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def close(self) -> None:
+        if self._orbax is not None:
+            self._orbax.close()
+
+
+def make_manager(workdir: Path, keep: int) -> Checkpoints:
+    return Checkpoints(workdir, keep)
+
+
+def save(manager: Checkpoints, state, *, force: bool = False) -> None:
     """Start an asynchronous save; it returns once the arrays are safe to donate."""
+    import orbax.checkpoint as ocp
+
     step = int(jax.device_get(state.step))
     if step in manager.all_steps():
         return
     with _write_errors(manager):
-        manager.save(step, args=ocp.args.StandardSave(state), force=force)
-        _saving[id(manager)] = step
+        manager.orbax.save(step, args=ocp.args.StandardSave(state), force=force)
+        manager.saving = step
 
 
-def wait(manager: ocp.CheckpointManager) -> None:
+def wait(manager: Checkpoints) -> None:
     """Block until the save in flight is committed; a failed one raises CheckpointWriteError."""
+    if not manager.opened:  # nothing was saved, so nothing is in flight
+        return
     with _write_errors(manager):
-        manager.wait_until_finished()
-
-
-_saving: dict[int, int] = {}  # the step each manager last started to save
+        manager.orbax.wait_until_finished()
 
 
 @contextlib.contextmanager
-def _write_errors(manager: ocp.CheckpointManager):
+def _write_errors(manager: Checkpoints):
     # Orbax re-raises whatever the filesystem raised in its writer threads, at the next save
     # or wait; name the step and the checkpoint that survives instead of a thread traceback.
     try:
         yield
     except Exception as e:  # noqa: BLE001 - any failure to write is reported the same way
-        step = _saving.get(id(manager))
-        manager.reload()
+        step = manager.saving
+        manager.orbax.reload()
         committed = [s for s in manager.all_steps() if s != step]
         kept = (f"the last committed checkpoint, step {max(committed)}, is intact"
                 if committed else "no earlier checkpoint exists")
@@ -86,16 +135,18 @@ def quiet_tracebacks() -> None:
             handler.addFilter(_OneLineRecords())
 
 
-def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
+def restore(manager: Checkpoints, abstract_state, step: int | None = None):
+    import orbax.checkpoint as ocp
+
     step = manager.latest_step() if step is None else step
     if step not in manager.all_steps():
         raise UserError(f"no checkpoint for step {step} in {manager.directory}; "
                         f"available: {', '.join(map(str, manager.all_steps())) or 'none'}")
     check_compatible(manager, step, abstract_state)
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    return manager.orbax.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
 
-def restore_or_init(manager: ocp.CheckpointManager, abstract_state,
+def restore_or_init(manager: Checkpoints, abstract_state,
                     init: Callable[[], object]) -> tuple[object, bool]:
     """The latest committed checkpoint if there is one, else a fresh state; and which it was."""
     if manager.latest_step() is None:
@@ -103,9 +154,9 @@ def restore_or_init(manager: ocp.CheckpointManager, abstract_state,
     return restore(manager, abstract_state), True
 
 
-def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state) -> None:
+def check_compatible(manager: Checkpoints, step: int, abstract_state) -> None:
     """Refuse a checkpoint whose paths, shapes or dtypes differ from this run's state."""
-    saved = _leaf_specs(manager.item_metadata(step).tree)
+    saved = _leaf_specs(manager.orbax.item_metadata(step).tree)
     expected = _leaf_specs(abstract_state)
     mismatches = [f"{path}: {_describe(saved.get(path))} in the checkpoint, "
                   f"{_describe(expected.get(path))} in this config"

@@ -55,7 +55,8 @@ def check(options: Options, platform: str | None) -> None:
 @functools.cache  # every run built in one process would otherwise compile it again
 def _check_one(platform: str, name: str, value: str | bool | int | float) -> None:
     try:
-        jax.jit(jnp.negative, compiler_options={name: value}).lower(jnp.zeros(2)).compile()
+        jax.jit(jnp.negative, compiler_options={name: value}).lower(
+            jax.ShapeDtypeStruct((2,), jnp.float32)).compile()
     except Exception as e:  # XLA raises a bare runtime error for unknown names or values
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"--config.xla_options.{platform}.{name}={value!r}: XLA refused it "

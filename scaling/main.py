@@ -11,7 +11,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from scaling import compile_cache, platforms, profiling
+from scaling import collector, compile_cache, platforms, profiling
 from scaling import config as config_lib
 from scaling import workdir as workdir_lib
 from scaling.errors import CheckpointWriteError, DoesNotFit, TrainingDiverged, UserError
@@ -229,7 +229,11 @@ def main(argv: list[str]) -> None:
 
 
 def entry() -> None:
-    app.run(main, flags_parser=parse_flags)
+    collector.pause()  # until training starts, or the mode ends
+    try:
+        app.run(main, flags_parser=parse_flags)
+    finally:
+        collector.resume()
 
 
 if __name__ == "__main__":

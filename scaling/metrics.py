@@ -26,7 +26,7 @@ class MetricsWriter:
             return
         self._drop_records_after(resume_step)
         self._file = self.path.open("a")
-        self._tensorboard = _import_summary_writer()(str(Path(workdir) / "tensorboard"))
+        self._tensorboard_dir = Path(workdir) / "tensorboard"
 
     def _drop_records_after(self, step: int) -> None:
         """A killed run may have logged past its last checkpoint; those steps run again."""
@@ -43,6 +43,8 @@ class MetricsWriter:
         record.update({k: _plain(v) for k, v in scalars.items()})
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self._tensorboard is None:  # made at the first event: tensorboardX takes 10 ms
+            self._tensorboard = _import_summary_writer()(str(self._tensorboard_dir))
         for key, value in scalars.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self._tensorboard.add_scalar(f"{split}/{key}", value, step)
@@ -50,7 +52,8 @@ class MetricsWriter:
     def close(self) -> None:
         if self.enabled:
             self._file.close()
-            self._tensorboard.close()
+            if self._tensorboard is not None:
+                self._tensorboard.close()
 
 
 def _import_summary_writer():

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import ml_collections
 
+from scaling import checkpoint
 from scaling.errors import UserError
 
 PACKAGES = ("scaling", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
@@ -82,13 +83,6 @@ def record(workdir: Path, config: ml_collections.ConfigDict, experiment_file: Pa
     return entry
 
 
-def has_checkpoint(workdir: Path) -> bool:
-    """Whether a committed checkpoint exists (Orbax renames a step directory to its number
-    only when the save is complete)."""
-    directory = workdir / "checkpoints"
-    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
-
-
 def check_model_config(workdir: Path, config: ml_collections.ConfigDict,
                        allow_change: bool) -> list[str]:
     """Refuse to restore this workdir's checkpoints under a different model config.
@@ -96,7 +90,7 @@ def check_model_config(workdir: Path, config: ml_collections.ConfigDict,
     Returns the differences (empty when none); raises UserError for any unless allowed.
     """
     recorded_path = workdir / "config.json"
-    if not has_checkpoint(workdir) or not recorded_path.exists():
+    if not checkpoint.committed_steps(workdir / "checkpoints") or not recorded_path.exists():
         return []
     try:
         recorded = json.loads(recorded_path.read_text())

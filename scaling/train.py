@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from scaling import checkpoint, compiler_options, hardware, profiling
+from scaling import checkpoint, collector, compiler_options, hardware, profiling
 from scaling import mesh as mesh_lib
 from scaling.data import dataset as dataset_lib
 from scaling.data import element_spec, load_dataset
@@ -196,17 +196,17 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
     task = get_task(config.task)
     sample = {k: np.zeros((1,) + v.shape, v.dtype) for k, v in element_spec.items()}
 
-    def init_boxed(rng):
-        params_rng, state_rng = jax.random.split(rng)
+    def init_boxed():
+        # The key is made inside the compiled init: made eagerly, it costs two more programs.
+        params_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
         params = model.init(params_rng, task.preprocess(sample), train=False)["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), rng=state_rng)
 
-    rng = jax.random.PRNGKey(config.seed)
-    boxed = jax.eval_shape(init_boxed, rng)
+    boxed = jax.eval_shape(init_boxed)
     state_shardings = mesh_lib.logical_shardings(boxed, mesh, rules)
     init = mesh_lib.with_mesh_rules(
-        jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=state_shardings),
+        jax.jit(lambda: nn.meta.unbox(init_boxed()), out_shardings=state_shardings),
         mesh, rules)
     abstract_state = jax.tree_util.tree_map(
         lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
@@ -235,7 +235,7 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
     return Run(
         config=config, mesh=mesh, rules=rules, model=model, task=task, total_steps=total,
         steps_per_epoch=per_epoch, schedule=schedule, state_shardings=state_shardings,
-        abstract_state=abstract_state, init=lambda: init(rng),
+        abstract_state=abstract_state, init=init,
         flops_per_example=training_flops_per_example(model, abstract_state.params,
                                                      element_spec),
         items_per_example=task.items_per_example(element_spec),
@@ -335,6 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, experim
                        ) -> dict[str, dict[str, float]]:
     """Train from the latest checkpoint in `workdir` (or from scratch) and evaluate."""
     run, dataset = setup(config, experiment, devices)
+    Path(workdir).mkdir(parents=True, exist_ok=True)
     trace = profiling.StepTrace(profile_steps, workdir, run.total_steps)
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
     state, resumed = checkpoint.restore_or_init(manager, run.abstract_state, run.init)
@@ -384,6 +385,7 @@ def _train_loop(run: Run, dataset, state, step: int, manager, logger, writer, pr
         chunk = put_train_chunk(run, dataset.train, step, num_steps)
         trace.before_call(step, num_steps)
         state, metrics = run.train_steps(state, chunk)
+        collector.resume()  # start-up ends once the first call is compiled and dispatched
         trace.after_call(step + num_steps, (state, metrics))
         if pending is not None:
             logger.log(*pending)  # the previous call's metrics, while this call runs
@@ -491,8 +493,8 @@ class _StepLogger:
         eta = (self.run.total_steps - step) * self.batch_size / rate
         rates = throughput(rate, self.run.items_per_example, self.run.flops_per_example,
                            self.run.mesh.size, self.peak_flops)
+        self.progress.update(step, means["loss"], rates, eta)  # the console first
         self.writer.write(step, "train", **means, **rates,
                           learning_rate=float(self.run.schedule(step - 1)))
-        self.progress.update(step, means["loss"], rates, eta)
         self.window = []
         self.window_seconds = 0.0

@@ -26,6 +26,21 @@ def test_truncated_idx_is_a_user_error(tmp_path):
         images.read_idx(tmp_path / "b.gz")
 
 
+def test_gzip_of_several_members_reads_whole_and_a_bad_checksum_is_refused(tmp_path):
+    import gzip
+    array = np.arange(6 * 7, dtype=np.uint8).reshape(6, 7)
+    write_idx(tmp_path / "a.gz", array)
+    raw = gzip.decompress((tmp_path / "a.gz").read_bytes())
+    # Concatenated gzip files are one valid file of two members.
+    (tmp_path / "two.gz").write_bytes(gzip.compress(raw[:20]) + gzip.compress(raw[20:]))
+    np.testing.assert_array_equal(images.read_idx(tmp_path / "two.gz"), array)
+    corrupt = bytearray(gzip.compress(raw))
+    corrupt[-8] ^= 0xFF  # the CRC-32 in the gzip trailer
+    (tmp_path / "bad.gz").write_bytes(bytes(corrupt))
+    with pytest.raises(UserError, match="bad.gz: cannot read IDX file"):
+        images.read_idx(tmp_path / "bad.gz")
+
+
 def test_manual_dir_loads_all_splits(tiny_idx_dir):
     config = ml_collections.ConfigDict(
         {"name": "mnist", "manual_dir": str(tiny_idx_dir), "tfds_data_dir": ""})

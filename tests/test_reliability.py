@@ -26,10 +26,13 @@ def tiny_args(data_dir, workdir, *extra):
             "--config.log_every_steps=4", "--config.eval_every_steps=100000", *extra]
 
 
+def tiny_config_overrides(data_dir, *overrides) -> list[str]:
+    return [f"data.manual_dir={data_dir}", "batch_size=64", "eval_batch_size=64", "num_steps=8",
+            "steps_per_call=4", "checkpoint_every_steps=8", *overrides]
+
+
 def tiny_config(data_dir, *overrides):
-    return config_lib.load_config("mnist_mlp", [
-        f"data.manual_dir={data_dir}", "batch_size=64", "eval_batch_size=64", "num_steps=8",
-        "steps_per_call=4", "checkpoint_every_steps=8", *overrides])
+    return config_lib.load_config("mnist_mlp", tiny_config_overrides(data_dir, *overrides))
 
 
 def staged_saves(workdir):
@@ -73,6 +76,44 @@ def test_sigkill_during_an_async_save_resumes_from_the_last_committed_step(tmp_p
     assert f"resumed at step {committed[-1]}" in result.stdout
     assert staged_saves(workdir) == []  # the partial save was cleaned up, never loaded
     assert committed_steps(workdir)[-1] == final
+
+
+def test_checkpoint_listing_agrees_with_orbax_before_orbax_is_opened(tmp_path, tiny_idx_dir):
+    config, module = tiny_config(tiny_idx_dir, "checkpoint_every_steps=4")
+    train.train_and_evaluate(config, tmp_path, module)
+    (tmp_path / "checkpoints" / "12.orbax-checkpoint-tmp-1").mkdir()  # a save still staged
+    manager = checkpoint.make_manager(tmp_path, 3)
+    assert (manager.all_steps(), manager.latest_step(), manager.opened) == ([4, 8], 8, False)
+    assert sorted(manager.orbax.all_steps()) == [4, 8]
+    assert manager.opened
+    manager.close()
+
+
+def test_a_fresh_run_imports_orbax_only_for_its_first_save(tmp_path, tiny_idx_dir):
+    script = f"""
+import sys
+from pathlib import Path
+
+from scaling import checkpoint, train
+from scaling import config as config_lib
+
+imported_at_save = []
+save = checkpoint.save
+
+def spy(manager, state, **kwargs):
+    imported_at_save.append("orbax.checkpoint" in sys.modules)
+    save(manager, state, **kwargs)
+
+checkpoint.save = spy
+config, module = config_lib.load_config("mnist_mlp", {tiny_config_overrides(tiny_idx_dir)!r})
+train.train_and_evaluate(config, Path({str(tmp_path)!r}), module)
+print(imported_at_save)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=REPO, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[False, True]"
 
 
 def test_incompatible_checkpoints_list_every_mismatched_path(tmp_path, tiny_idx_dir):

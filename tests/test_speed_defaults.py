@@ -3,6 +3,7 @@ and reused, and a window of steps can be profiled."""
 
 import collections
 import contextlib
+import gc
 import gzip
 import json
 import re
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from scaling import compiler_options, profiling, train
+from scaling import checkpoint, collector, compiler_options, profiling, train
 from scaling import config as config_lib
 from scaling import mesh as mesh_lib
 from scaling.data import element_spec
@@ -69,6 +70,33 @@ def test_more_calls_evaluations_and_checkpoints_compile_nothing_more(tmp_path, t
         assert counts[32][("trace", name)] == 1, counts[32]
         assert counts[32][("compile", f"jit({name})")] == 1, counts[32]
     assert sum(n for (kind, _), n in counts[32].items() if kind == "compile") == 3
+
+
+def test_start_up_runs_without_the_collector_and_training_with_it(tmp_path, tiny_idx_dir,
+                                                                  monkeypatch):
+    enabled = {}
+    setup, save = train.setup, checkpoint.save
+
+    def spy_setup(*args, **kwargs):
+        enabled["setup"] = gc.isenabled()
+        return setup(*args, **kwargs)
+
+    def spy_save(*args, **kwargs):
+        enabled.setdefault("first save", gc.isenabled())
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(train, "setup", spy_setup)
+    monkeypatch.setattr(checkpoint, "save", spy_save)
+    frozen_before = gc.get_freeze_count()
+    collector.pause()
+    try:
+        train_tiny(tmp_path, tiny_idx_dir, "num_steps=8")
+        frozen_after = gc.get_freeze_count()
+    finally:
+        collector.resume()  # in case training failed before it resumed the collector
+        gc.unfreeze()
+    assert enabled == {"setup": False, "first save": True}
+    assert gc.isenabled() and frozen_after > frozen_before
 
 
 def test_short_calls_compile_one_power_of_two_shape_each(tmp_path, tiny_idx_dir):
