@@ -40,19 +40,38 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def git_revision(path: Path) -> dict | None:
-    """The commit holding `path`, and whether the work tree differs from it; None outside git."""
-    directory = path if path.is_dir() else path.parent
+def git_revisions(paths: dict[str, Path]) -> dict[str, dict | None]:
+    """For each path, the commit holding it and whether the work tree differs from it; None
+    outside git. Every git command starts at once, so a start waits for one, not four."""
+    commands = {"commit": ("rev-parse", "HEAD"),
+                "dirty": ("status", "--porcelain", "--untracked-files=no")}
+    running = {}
+    for name, path in paths.items():
+        directory = path if path.is_dir() else path.parent
+        try:
+            running[name] = {key: subprocess.Popen(
+                ["git", "-C", str(directory), *args], stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, text=True) for key, args in commands.items()}
+        except OSError:  # no git
+            running[name] = None
+    return {name: _revision(processes) for name, processes in running.items()}
 
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(directory), *args], capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
 
-    try:
-        return {"commit": git("rev-parse", "HEAD"),
-                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-    except (OSError, subprocess.SubprocessError):
+def _revision(processes: dict[str, subprocess.Popen] | None) -> dict | None:
+    if processes is None:
         return None
+    outputs = {}
+    for key, process in processes.items():
+        try:
+            out, _ = process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            return None
+        if process.returncode != 0:
+            return None
+        outputs[key] = out.strip()
+    return {"commit": outputs["commit"], "dirty": bool(outputs["dirty"])}
 
 
 def file_sha256(path: Path) -> str:
@@ -69,8 +88,8 @@ def record(workdir: Path, config: ml_collections.ConfigDict, experiment_file: Pa
         "argv": sys.argv,
         "experiment_file": str(experiment_file),
         "experiment_sha256": file_sha256(experiment_file),
-        "experiment_revision": git_revision(experiment_file),
-        "scaling_revision": git_revision(package_dir),
+        **{f"{name}_revision": revision for name, revision in git_revisions(
+            {"experiment": experiment_file, "scaling": package_dir}).items()},
         "packages": package_versions(),
         "python": platform.python_version(),
         "platform": platform.platform(),
