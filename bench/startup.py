@@ -11,8 +11,8 @@ and Python's bytecode cache, so only the compilation cache differs between the t
 
 Each run is also split at the lines it prints on the way: the `experiment ...` line (Python
 and JAX imports, flags, config) and the `data: ...` line (data, mesh, jit wrappers,
-initialisation, checkpoint manager). The rest, to the first step, is mostly tracing,
-lowering and compiling (or loading from the cache) the train step.
+initialisation). The rest, to the first step, is mostly tracing, lowering and compiling (or
+loading from the cache) the train step, and running its first call.
 """
 
 from __future__ import annotations
