@@ -117,6 +117,8 @@ def run(argv: list[str]) -> None:
         return
     if FLAGS.mode not in MODES:
         raise UserError(f"--mode={FLAGS.mode}: expected one of {', '.join(MODES)}")
+    if FLAGS.mode == "train":
+        collector.pause()  # until the first step is reported (scaling/collector.py)
     config, experiment = config_lib.load_config(FLAGS.experiment, _overrides)
     profile_steps = profiling.parse_steps(FLAGS.profile_steps, FLAGS.mode)
     if FLAGS.mode in ("train", "eval", "predict"):
@@ -229,11 +231,7 @@ def main(argv: list[str]) -> None:
 
 
 def entry() -> None:
-    collector.pause()  # until training starts, or the mode ends
-    try:
-        app.run(main, flags_parser=parse_flags)
-    finally:
-        collector.resume()
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

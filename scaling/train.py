@@ -385,14 +385,15 @@ def _train_loop(run: Run, dataset, state, step: int, manager, logger, writer, pr
         chunk = put_train_chunk(run, dataset.train, step, num_steps)
         trace.before_call(step, num_steps)
         state, metrics = run.train_steps(state, chunk)
-        collector.resume()  # start-up ends once the first call is compiled and dispatched
         trace.after_call(step + num_steps, (state, metrics))
         if pending is not None:
             logger.log(*pending)  # the previous call's metrics, while this call runs
+            collector.resume()  # start-up ends with the first step reported
         pending = (step, metrics)
         step += num_steps
         if step % eval_every == 0 or step % checkpoint_every == 0 or step == run.total_steps:
             logger.log(*pending)  # checked before anything is saved
+            collector.resume()
             pending = None
             if step % checkpoint_every == 0 or step == run.total_steps:
                 checkpoint.save(manager, state)

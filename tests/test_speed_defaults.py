@@ -7,6 +7,7 @@ import gc
 import gzip
 import json
 import re
+import weakref
 
 import jax
 import numpy as np
@@ -97,6 +98,24 @@ def test_start_up_runs_without_the_collector_and_training_with_it(tmp_path, tiny
         gc.unfreeze()
     assert enabled == {"setup": False, "first save": True}
     assert gc.isenabled() and frozen_after > frozen_before
+
+
+def test_resuming_the_collector_frees_start_up_garbage_before_freezing_the_rest():
+    class Node:
+        pass
+
+    collector.pause()
+    try:
+        node = Node()
+        node.cycle = node
+        probe = weakref.ref(node)
+        del node
+        assert probe() is not None  # a reference cycle, and no collector to free it
+        collector.resume()
+        assert probe() is None and gc.isenabled()
+    finally:
+        collector.resume()
+        gc.unfreeze()
 
 
 def test_short_calls_compile_one_power_of_two_shape_each(tmp_path, tiny_idx_dir):
