@@ -81,11 +81,18 @@ def phase_medians(runs: list[dict]) -> dict[str, float]:
     return out
 
 
-def report(cold: dict[str, float], warm: dict[str, float]) -> Check:
+def pair_ratios(runs: dict[str, list[dict]]) -> list[float]:
+    """Cold over warm time to the first step for each pair that shared a cache directory."""
+    return [cold["seconds"]["first step"] / warm["seconds"]["first step"]
+            for cold, warm in zip(runs["cold"], runs["warm"], strict=True)]
+
+
+def report(cold: dict[str, float], warm: dict[str, float], pairs: list[float]) -> Check:
     print(f"{'phase (median s)':<18} {'cold':>7} {'warm':>7} {'cold/warm':>10}")
     for phase in [p for _, p in MILESTONES] + ["total"]:
         print(f"{phase:<18} {cold[phase]:>7.2f} {warm[phase]:>7.2f} "
               f"{cold[phase] / warm[phase]:>9.2f}x")
+    print(f"each pair's cold/warm: {', '.join(f'{r:.2f}x' for r in pairs)}")
     check = Check("time to first step, cold / warm cache", cold["total"] / warm["total"],
                   at_least=TARGET_RATIO)
     print(check.line())
@@ -119,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     medians = {kind: phase_medians(kind_runs) for kind, kind_runs in runs.items()}
-    check = report(medians["cold"], medians["warm"])
+    pairs = pair_ratios(runs)
+    check = report(medians["cold"], medians["warm"], pairs)
     share = print_load(start)
 
     if args.json:
@@ -129,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         write_results(args.json, "startup", "seconds to the first training step",
                       higher_is_better=False, contenders=[cold, warm], others_cpu_share=share,
                       checks=[check], details={"experiment": args.experiment,
-                                               "median_phase_seconds": medians, "runs": runs})
+                                               "median_phase_seconds": medians,
+                                               "pair_ratios": pairs, "runs": runs})
 
 
 if __name__ == "__main__":
