@@ -60,18 +60,21 @@ def git_revisions(paths: dict[str, Path]) -> dict[str, dict | None]:
 def _revision(processes: dict[str, subprocess.Popen] | None) -> dict | None:
     if processes is None:
         return None
-    outputs = {}
-    for key, process in processes.items():
-        try:
-            out, _ = process.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
-            return None
-        if process.returncode != 0:
-            return None
-        outputs[key] = out.strip()
+    outputs = {key: _output(process) for key, process in processes.items()}
+    if None in outputs.values():
+        return None
     return {"commit": outputs["commit"], "dirty": bool(outputs["dirty"])}
+
+
+def _output(process: subprocess.Popen) -> str | None:
+    """A git command's output; None if it failed or hung."""
+    try:
+        out, _ = process.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        return None
+    return out.strip() if process.returncode == 0 else None
 
 
 def file_sha256(path: Path) -> str:
