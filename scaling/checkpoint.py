@@ -83,11 +83,11 @@ def make_manager(workdir: Path, keep: int) -> Checkpoints:
 
 def save(manager: Checkpoints, state, *, force: bool = False) -> None:
     """Start an asynchronous save; it returns once the arrays are safe to donate."""
-    import orbax.checkpoint as ocp
-
     step = int(jax.device_get(state.step))
     if step in manager.all_steps():
         return
+    import orbax.checkpoint as ocp
+
     with _write_errors(manager):
         manager.orbax.save(step, args=ocp.args.StandardSave(state), force=force)
         manager.saving = step

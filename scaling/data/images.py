@@ -103,13 +103,14 @@ def read_ahead(data_config: ml_collections.ConfigDict) -> None:
     unused. Errors surface where the file is read, exactly as without read-ahead.
     """
     if data_config.manual_dir:
-        candidates = [Path(data_config.manual_dir).expanduser()]
+        directory = Path(data_config.manual_dir).expanduser()
+        if not has_idx_files(directory):
+            return
     elif not data_config.tfds_data_dir:
-        candidates = [Path(d) for d in WELL_KNOWN_DIRS.get(data_config.name, ())]
+        directory = well_known_idx_directory(data_config.name)
+        if directory is None:
+            return
     else:
-        return
-    directory = next((d for d in candidates if has_idx_files(d)), None)
-    if directory is None:
         return
     paths = [(directory / name).resolve() for name in ALL_IDX_FILES]
     futures = {path: Future() for path in paths if path not in _read_ahead}
@@ -127,6 +128,12 @@ def read_ahead(data_config: ml_collections.ConfigDict) -> None:
 
 def has_idx_files(directory: Path) -> bool:
     return all((directory / name).is_file() for name in ALL_IDX_FILES)
+
+
+def well_known_idx_directory(name: str) -> Path | None:
+    """The first folder where a system package puts the dataset's IDX files, if any."""
+    return next((Path(d) for d in WELL_KNOWN_DIRS.get(name, ()) if has_idx_files(Path(d))),
+                None)
 
 
 def load_idx_directory(directory: Path, name: str) -> ArrayDataset:
@@ -238,9 +245,9 @@ def load_image_dataset(data_config: ml_collections.ConfigDict) -> ArrayDataset:
     prepared = tfds_prepared_format(name, data_config.tfds_data_dir)
     if tfds_readable(prepared):
         return load_tfds(name, data_config.tfds_data_dir, download=False)
-    for candidate in WELL_KNOWN_DIRS.get(name, ()):
-        if has_idx_files(Path(candidate)):
-            return load_idx_directory(Path(candidate), name)
+    directory = well_known_idx_directory(name)
+    if directory is not None:
+        return load_idx_directory(directory, name)
     missing = []
     if prepared:
         missing.append(f"the TFDS copy in --config.data.tfds_data_dir is in {prepared} format, "
