@@ -29,7 +29,6 @@ import optax
 from machine_load import cpu_seconds, page_faults, print_load
 from results import Contender, write_results
 
-from scaling import platforms
 from scaling.models.transformer import (
     Mlp,
     RMSNorm,
@@ -37,6 +36,7 @@ from scaling.models.transformer import (
     apply_rope,
     attend,
 )
+from scaling.runtime import platforms
 
 CONFIG = TransformerConfig(vocab_size=128, num_layers=4, embed_dim=128, num_heads=4,
                            num_kv_heads=2, head_dim=32, mlp_dim=384, max_seq_len=128)

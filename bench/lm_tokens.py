@@ -38,11 +38,12 @@ from matmul_ceiling import SIZE as MATMUL_SIZE
 from matmul_ceiling import ceilings as matmul_ceilings
 from results import Check, Contender, write_results
 
-import scaling.config
-import scaling.train
-from scaling import platforms
+import scaling.config.experiments
+import scaling.training.loop
+import scaling.training.run
 from scaling.data import dataset as dataset_lib
 from scaling.models.transformer import TransformerConfig, count_params
+from scaling.runtime import platforms
 
 EXPERIMENT = "shakespeare_char_lm"
 DATA_DIR = Path("/work/shared/datasets/tiny_shakespeare")
@@ -58,19 +59,19 @@ def bench_framework(num_steps: int) -> dict[str, Any]:
     with the previous call, so it is not part of the step time. Returns the chunks and the
     initial parameters too, so PyTorch can train on the same data from the same start.
     """
-    config, module = scaling.config.load_config(
+    config, module = scaling.config.experiments.load_config(
         EXPERIMENT, [f"data.manual_dir={DATA_DIR}", f"num_steps={SCHEDULE_STEPS}"])
     k = config.steps_per_call
     num_calls = max(1, -(-num_steps // k))
     if (WARMUP_CALLS + num_calls) * k > SCHEDULE_STEPS:
         raise ValueError(f"--steps={num_steps}: at most "
                          f"{(SCHEDULE_STEPS // k - WARMUP_CALLS) * k} timed steps")
-    run, dataset = scaling.train.setup(config, module)
+    run, dataset = scaling.training.run.setup(config, module)
     state = run.init()
     init_params = jax.device_get(state.params)  # before the first call donates the state
     chunks = [dataset_lib.train_chunk(dataset.train, config.seed, i * k, k, config.batch_size)
               for i in range(WARMUP_CALLS + num_calls)]
-    placed = [scaling.train.put_chunk(run, chunk) for chunk in chunks]
+    placed = [scaling.training.run.put_chunk(run, chunk) for chunk in chunks]
 
     seconds, faults, losses = [], [], []
     for chunk in placed:

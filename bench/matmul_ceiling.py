@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from machine_load import cpu_seconds, print_load
 from results import Contender, write_results
 
-from scaling import platforms
+from scaling.runtime import platforms
 
 SIZE = 2048  # the ceiling the other benchmarks quote
 REPEATS = 10

@@ -45,12 +45,12 @@ import optax
 from machine_load import cpu_seconds, print_load
 from results import Check, Contender, write_results
 
-import scaling.compiler_options
-import scaling.config
-import scaling.metrics
-import scaling.train
-from scaling import platforms
+import scaling.config.experiments
+import scaling.runtime.metrics
+import scaling.training.compiler_options
+import scaling.training.loop
 from scaling.data.images import read_idx
+from scaling.runtime import platforms
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 BATCH_SIZE = 128
@@ -92,16 +92,16 @@ def bench_framework(epochs: int, recipe: bool, xla_options: bool = True) -> dict
     if not recipe:
         overrides += [f"log_every_steps={steps_per_epoch}", "eval_every_steps=1000000000",
                       "checkpoint_every_steps=1000000000"]
-    config, module = scaling.config.load_config("fashion_mnist_mlp", overrides)
+    config, module = scaling.config.experiments.load_config("fashion_mnist_mlp", overrides)
     if not xla_options:
         with config.unlocked():
             config.xla_options = {}
     with tempfile.TemporaryDirectory() as workdir:
         start = time.time()
         with contextlib.redirect_stdout(io.StringIO()):  # keep the table readable
-            results = scaling.train.train_and_evaluate(config, Path(workdir), module)
+            results = scaling.training.loop.train_and_evaluate(config, Path(workdir), module)
         end = time.time()
-        records = scaling.metrics.read_metrics(Path(workdir))
+        records = scaling.runtime.metrics.read_metrics(Path(workdir))
     split = "test" if recipe else "train"
     times = [r["time"] for r in records if r["split"] == split]
     if len(times) != epochs:
@@ -121,8 +121,8 @@ class MLP(nn.Module):
 
 def experiment_xla_options() -> dict:
     """The CPU compiler options `fashion_mnist_mlp` gives its steps."""
-    config, _ = scaling.config.load_config("fashion_mnist_mlp", [])
-    return scaling.compiler_options.for_platform(config, "cpu")
+    config, _ = scaling.config.experiments.load_config("fashion_mnist_mlp", [])
+    return scaling.training.compiler_options.for_platform(config, "cpu")
 
 
 def bench_jax(data: dict[str, np.ndarray], epochs: int, compiler_options=None) -> dict:

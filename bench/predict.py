@@ -46,12 +46,12 @@ import jax
 import numpy as np
 from machine_load import cpu_seconds, print_load
 
-import scaling.config
-import scaling.export
-import scaling.predict
+import scaling.config.experiments
+import scaling.inference.export
+import scaling.inference.predict
 import scaling.serving
-import scaling.train
-from scaling import platforms
+import scaling.training.loop
+from scaling.runtime import platforms
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH_SIZE = 1000
@@ -100,15 +100,16 @@ def make_keras_predict(params: dict):
 
 def prepare(workdir: Path) -> tuple:
     """Train one epoch, restore it for in-framework predict, and export it twice."""
-    config, module = scaling.config.load_config("fashion_mnist_mlp", [
+    config, module = scaling.config.experiments.load_config("fashion_mnist_mlp", [
         "num_epochs=1", f"eval_batch_size={BATCH_SIZE}"])
     with contextlib.redirect_stdout(io.StringIO()):
-        scaling.train.train_and_evaluate(config, workdir, module)
-    predictor = scaling.predict.load_predictor(config, workdir, None, module)
+        scaling.training.loop.train_and_evaluate(config, workdir, module)
+    predictor = scaling.inference.predict.load_predictor(config, workdir, None, module)
     reports = {}
     for name, quantize in (("float", None), ("int8", "int8")):
-        reports[name] = scaling.export.export_checkpoint(
-            config, workdir, scaling.export.ExportOptions(str(workdir / name), quantize), module)
+        reports[name] = scaling.inference.export.export_checkpoint(
+            config, workdir,
+            scaling.inference.export.ExportOptions(str(workdir / name), quantize), module)
     return predictor, reports
 
 

@@ -29,10 +29,11 @@ from lm_tokens import DATA_DIR as SHAKESPEARE_DIR
 from machine_load import cpu_seconds, print_load
 from results import Contender, write_results
 
-import scaling.config
-import scaling.train
-from scaling import platforms
+import scaling.config.experiments
+import scaling.training.loop
+import scaling.training.run
 from scaling.data import dataset as dataset_lib
+from scaling.runtime import platforms
 
 PARTS = ("attention_norm", "mlp_norm", "final_norm", "attention", "mlp", "embedding",
          "hidden_0", "hidden_1", "hidden_2", "logits")  # first match wins
@@ -61,10 +62,10 @@ def part_of(op_name: str) -> str:
 
 def profile(config, module, calls: int) -> tuple[dict[str, float], float]:
     """Milliseconds per step of each part, and the untraced wall milliseconds per step."""
-    run, dataset = scaling.train.setup(config, module)
+    run, dataset = scaling.training.run.setup(config, module)
     state = run.init()
     k = config.steps_per_call
-    chunks = [scaling.train.put_chunk(run, dataset_lib.train_chunk(
+    chunks = [scaling.training.run.put_chunk(run, dataset_lib.train_chunk(
         dataset.train, config.seed, i * k, k, config.batch_size)) for i in range(calls + 1)]
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
         names = op_names(run.train_steps.inner.lower(state, chunks[0]).compile().as_text())
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.experiment == "shakespeare_char_lm" and not any(
             o.startswith("data.manual_dir=") for o in overrides):
         overrides.append(f"data.manual_dir={SHAKESPEARE_DIR}")
-    config, module = scaling.config.load_config(args.experiment, overrides)
+    config, module = scaling.config.experiments.load_config(args.experiment, overrides)
 
     start = cpu_seconds()
     parts, wall_ms = profile(config, module, args.calls)

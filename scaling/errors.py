@@ -1,9 +1,11 @@
 """Exceptions that end a run with one message and a documented exit code.
 
-`scaling.main` turns each into a single line on stderr and its exit code (UserError 2,
-TrainingDiverged 3, DoesNotFit 4, CheckpointWriteError 74), so every module can stop a run
-without printing or exiting itself.
+`exit_on_error` turns each into a single line on stderr and its exit code (UserError 2,
+TrainingDiverged 3, DoesNotFit 4, CheckpointWriteError 74, Preempted 75), so every module can
+stop a run without printing or exiting itself.
 """
+
+import sys
 
 
 class UserError(Exception):
@@ -20,3 +22,31 @@ class CheckpointWriteError(Exception):
 
 class DoesNotFit(Exception):
     """Preflight found that the compiled step needs more memory per chip than the chip has."""
+
+
+class Preempted(Exception):
+    """Raised once the preemption checkpoint is committed; a re-run resumes from it."""
+
+
+EXIT_CODES = {
+    UserError: 2,
+    TrainingDiverged: 3,
+    DoesNotFit: 4,
+    CheckpointWriteError: 74,  # EX_IOERR
+    Preempted: 75,             # EX_TEMPFAIL: try again later
+}
+EXIT_USER_ERROR = EXIT_CODES[UserError]
+EXIT_PREEMPTED = EXIT_CODES[Preempted]
+
+
+def exit_on_error(fn, *args) -> None:
+    """Run `fn(*args)`; an error above ends the process with one `error:` line and its code.
+
+    The one place where exceptions become exit codes, for every entry point.
+    """
+    try:
+        fn(*args)
+    except tuple(EXIT_CODES) as e:
+        if not isinstance(e, Preempted):  # its message was printed when it saved
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(next(code for kind, code in EXIT_CODES.items() if isinstance(e, kind)))

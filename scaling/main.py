@@ -6,18 +6,18 @@ and dispatches a mode. Every user mistake ends here as one line on stderr and ex
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from absl import app, flags, logging
 
-from scaling import collector, compile_cache, platforms, profiling
-from scaling import config as config_lib
-from scaling import workdir as workdir_lib
-from scaling.errors import CheckpointWriteError, DoesNotFit, TrainingDiverged, UserError
-from scaling.preemption import EXIT_PREEMPTED, Preempted
-
-MODES = ("train", "eval", "sample", "describe", "predict", "export", "preflight")
+from scaling.config import experiments as config_lib
+from scaling.errors import EXIT_USER_ERROR, UserError, exit_on_error
+from scaling.runtime import compile_cache, platforms, profiling, startup_gc
+from scaling.runtime import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("experiment", None,
@@ -25,7 +25,8 @@ flags.DEFINE_string("experiment", None,
 flags.DEFINE_string("workdir", None,
                     "Directory for config.json, metrics.jsonl, checkpoints and TensorBoard "
                     "events. Default: runs/EXPERIMENT under the current directory.")
-flags.DEFINE_string("mode", "train", f"One of: {', '.join(MODES)}.")
+flags.DEFINE_string("mode", "train", "One of: train, eval, sample, describe, predict, "
+                    "export, preflight.")
 flags.DEFINE_string("prompt", "\n", "--mode=sample: the text to continue.")
 flags.DEFINE_integer("max_new_tokens", None, "--mode=sample: tokens to generate "
                      "(default: config.sample.max_new_tokens).")
@@ -47,18 +48,9 @@ flags.DEFINE_string("output", None, "--mode=predict: the .jsonl or .csv file to 
 flags.DEFINE_integer("checkpoint_step", None, "--mode=predict and export: the checkpoint to "
                      "use (default: the latest).")
 flags.DEFINE_string("artifact", None, "--mode=export: the directory to write (default: "
-                    "WORKDIR/export). scaling.serve: the exported model to serve.")
+                    "WORKDIR/export).")
 flags.DEFINE_string("quantize", None, "--mode=export: int8 stores weight matrices as int8 "
                     "with one scale per output unit (default: float weights).")
-flags.DEFINE_string("host", "127.0.0.1", "scaling.serve: the address to listen on "
-                    "(0.0.0.0 for every interface).")
-flags.DEFINE_integer("port", 8000, "scaling.serve: the port to listen on; 0 picks a free one.")
-flags.DEFINE_integer("max_batch_size", 256, "scaling.serve: the most examples that concurrent "
-                     "requests share in one model call.")
-flags.DEFINE_float("max_wait_ms", 2.0, "scaling.serve: how long a batch waits for more "
-                   "requests once its first has arrived.")
-flags.DEFINE_integer("max_request_bytes", 4 << 20, "scaling.serve: larger request bodies are "
-                     "refused with 413.")
 flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0. "
                     "Not needed on TPU pods or under SLURM, where it is detected.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes in all.")
@@ -76,10 +68,6 @@ flags.DEFINE_string("profile_steps", None, "--mode=train: write a jax.profiler t
                     "A:B (from 1, inclusive, widened to whole compiled calls) to WORKDIR/profile.")
 
 CONFIG_PREFIX = "--config."
-EXIT_USER_ERROR = 2
-EXIT_DIVERGED = 3
-EXIT_DOES_NOT_FIT = 4
-EXIT_CHECKPOINT_WRITE = 74  # EX_IOERR
 
 
 def split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -103,6 +91,77 @@ def parse_flags(argv: list[str]) -> list[str]:
         _fail(str(e))
 
 
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """What `--mode=NAME` runs, and what it needs first."""
+    run: Callable[[Any, Path, Any], None]   # (config, workdir, experiment)
+    records_start: bool = True   # appends to provenance.jsonl and guards the model config
+    reads_ahead: bool = False    # starts reading the dataset while the framework imports
+
+
+def run_train(config, workdir: Path, experiment) -> None:
+    from scaling.training import loop
+
+    loop.train_and_evaluate(config, workdir, experiment, profile_steps=profiling.parse_steps(
+        FLAGS.profile_steps, FLAGS.mode))
+
+
+def run_eval(config, workdir: Path, experiment) -> None:
+    from scaling.training import loop
+
+    for split, values in loop.evaluate_checkpoint(config, workdir, experiment).items():
+        print(f"{split} {loop.format_metrics(values)}")
+
+
+def run_sample(config, workdir: Path, experiment) -> None:
+    print(sample_text_from_flags(config, workdir, experiment), flush=True)
+
+
+def run_predict(config, workdir: Path, experiment) -> None:
+    from scaling.inference import predict
+
+    print(predict.predict_to_file(config, workdir, predict.PredictOptions(
+        inputs=FLAGS.inputs, output=FLAGS.output, top_k=FLAGS.top_k,
+        checkpoint_step=FLAGS.checkpoint_step), experiment), flush=True)
+
+
+def run_export(config, workdir: Path, experiment) -> None:
+    from scaling.inference import export
+
+    print(export.export_checkpoint(config, workdir, export.ExportOptions(
+        artifact=FLAGS.artifact, quantize=FLAGS.quantize,
+        checkpoint_step=FLAGS.checkpoint_step), experiment), flush=True)
+
+
+def run_preflight(config, workdir: Path, experiment) -> None:
+    from scaling.preflight import step_report
+
+    step_report.run_preflight(config, FLAGS.topology, workdir, experiment)
+
+
+MODES = {
+    "train": Mode(run_train, reads_ahead=True),
+    "eval": Mode(run_eval, reads_ahead=True),
+    "sample": Mode(run_sample),
+    "describe": Mode(None, records_start=False),  # no workdir: see `describe`
+    "predict": Mode(run_predict, reads_ahead=True),
+    "export": Mode(run_export),
+    "preflight": Mode(run_preflight, records_start=False),  # compiles for other hardware
+}
+
+
+def describe(config, experiment) -> None:
+    """`--mode=describe`: every config field with its value and help, then the state table."""
+    import jax
+
+    from scaling.training import run as run_lib
+
+    num_devices = FLAGS.num_devices or jax.device_count()
+    if num_devices < 1:
+        raise UserError(f"--num_devices={num_devices}: must be positive")
+    print(run_lib.describe(config, num_devices, experiment))
+
+
 def run(argv: list[str]) -> None:
     # Orbax logs every file it writes at INFO; keep the console for the progress line.
     logging.set_verbosity(logging.WARNING)
@@ -115,68 +174,39 @@ def run(argv: list[str]) -> None:
         for name, description in experiments.items():
             print(f"{name:<{width}}  {description}")
         return
-    if FLAGS.mode not in MODES:
+    mode = MODES.get(FLAGS.mode)
+    if mode is None:
         raise UserError(f"--mode={FLAGS.mode}: expected one of {', '.join(MODES)}")
     if FLAGS.mode == "train":
-        collector.pause()  # until the first step is reported (scaling/collector.py)
+        startup_gc.pause()  # until the first step is reported (scaling/runtime/startup_gc.py)
     config, experiment = config_lib.load_config(FLAGS.experiment, _overrides)
-    profile_steps = profiling.parse_steps(FLAGS.profile_steps, FLAGS.mode)
-    if FLAGS.mode in ("train", "eval", "predict"):
+    profiling.parse_steps(FLAGS.profile_steps, FLAGS.mode)  # a bad window fails before work
+    if mode.reads_ahead:
         from scaling.data import read_ahead
 
         read_ahead(config)  # decompresses while the heavy imports below run
-    from scaling import distributed, train  # heavy imports once the command line is good
+    from scaling.runtime import distributed  # heavy imports once the command line is good
 
     if FLAGS.mode != "preflight":  # executables for a TPU topology cannot be loaded back here
         compile_cache.enable(FLAGS.compilation_cache_dir)
-
     setup = distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                    FLAGS.process_id, FLAGS.distributed_timeout)
-
-    if FLAGS.mode == "describe":
-        import jax
-
-        num_devices = FLAGS.num_devices or jax.device_count()
-        if num_devices < 1:
-            raise UserError(f"--num_devices={num_devices}: must be positive")
-        print(train.describe(config, num_devices, experiment))
+    if mode.run is None:
+        describe(config, experiment)
         return
     workdir = workdir_lib.prepare(FLAGS.workdir, config.experiment)
     print(f"experiment {config.experiment}, mode {FLAGS.mode}, workdir {workdir}, {setup}",
           flush=True)
-    if FLAGS.mode == "preflight":  # compiles for other hardware; records no run
-        from scaling import preflight
-
-        preflight.run_preflight(config, FLAGS.topology, workdir, experiment)
-        return
-    record_start(config, workdir, experiment)
-    if FLAGS.mode == "train":
-        train.train_and_evaluate(config, workdir, experiment, profile_steps=profile_steps)
-    elif FLAGS.mode == "eval":
-        results = train.evaluate_checkpoint(config, workdir, experiment)
-        for split, values in results.items():
-            print(f"{split} {train.format_metrics(values)}")
-    elif FLAGS.mode == "sample":
-        print(sample_text_from_flags(config, workdir, experiment), flush=True)
-    elif FLAGS.mode == "predict":
-        from scaling import predict
-
-        print(predict.predict_to_file(config, workdir, predict.PredictOptions(
-            inputs=FLAGS.inputs, output=FLAGS.output, top_k=FLAGS.top_k,
-            checkpoint_step=FLAGS.checkpoint_step), experiment), flush=True)
-    elif FLAGS.mode == "export":
-        from scaling import export
-
-        print(export.export_checkpoint(config, workdir, export.ExportOptions(
-            artifact=FLAGS.artifact, quantize=FLAGS.quantize,
-            checkpoint_step=FLAGS.checkpoint_step), experiment), flush=True)
+    if mode.records_start:
+        record_start(config, workdir, experiment)
+    mode.run(config, workdir, experiment)
 
 
 def record_start(config, workdir: Path, experiment) -> None:
     """Refuse a changed model config before restoring, then record provenance (process 0)."""
     import jax
 
-    from scaling import provenance
+    from scaling.runtime import provenance
 
     changes = provenance.check_model_config(workdir, config, FLAGS.allow_config_change)
     if changes:
@@ -191,7 +221,7 @@ def record_start(config, workdir: Path, experiment) -> None:
 
 
 def sample_text_from_flags(config, workdir: Path, experiment) -> str:
-    from scaling import sample
+    from scaling.inference import sample
 
     defaults = config.get("sample") or {}
 
@@ -213,21 +243,7 @@ def _fail(message: str) -> None:
 
 def main(argv: list[str]) -> None:
     platforms.skip_absent_tpu()
-    try:
-        run(argv)
-    except UserError as e:
-        _fail(str(e))
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_DIVERGED)
-    except DoesNotFit as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_DOES_NOT_FIT)
-    except CheckpointWriteError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_CHECKPOINT_WRITE)
-    except Preempted:
-        sys.exit(EXIT_PREEMPTED)
+    exit_on_error(run, argv)
 
 
 def entry() -> None:

@@ -24,7 +24,7 @@ EXIT_USER_ERROR = 2
 
 def load_runs(workdirs: list[str]) -> dict[str, list[dict]]:
     """Workdir label to its records; a missing or empty metrics.jsonl is a UserError."""
-    from scaling.metrics import read_metrics
+    from scaling.runtime.metrics import read_metrics
 
     runs = {}
     names = [Path(w).resolve().name for w in workdirs]

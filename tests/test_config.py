@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from scaling import config as config_lib
+from scaling.config import experiments as config_lib
 from scaling.errors import UserError
 
 

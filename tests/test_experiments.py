@@ -6,10 +6,12 @@ from pathlib import Path
 import jax
 import pytest
 
-from scaling import config as config_lib
-from scaling import data, summary, train
-from scaling import mesh as mesh_lib
-from scaling.train import build_run
+from scaling import data
+from scaling.config import experiments as config_lib
+from scaling.training import mesh as mesh_lib
+from scaling.training import run as run_lib
+from scaling.training import state_summary
+from scaling.training.run import build_run
 
 EXPERIMENTS = sorted((Path(__file__).resolve().parent.parent / "experiments").glob("*.py"))
 
@@ -23,7 +25,7 @@ def test_experiment_builds_abstractly(path):
     run = build_run(config, mesh, spec, num_train=10**6, experiment=module)
     for leaf in jax.tree_util.tree_leaves(run.abstract_state):
         assert leaf.sharding.mesh.shape == mesh.shape
-    assert summary.parameter_count(run.abstract_state.params) > 0
+    assert state_summary.parameter_count(run.abstract_state.params) > 0
     batch_sharding = mesh_lib.batch_sharding(mesh, run.rules, leading_dims=1)
     chunk = {k: jax.ShapeDtypeStruct((1, config.batch_size) + v.shape, v.dtype,
                                      sharding=batch_sharding) for k, v in spec.items()}
@@ -49,11 +51,11 @@ def test_lm_8b_reports_memory_per_chip_for_its_documented_mesh():
     mesh = mesh_lib.make_abstract_mesh(config.mesh, 64)
     assert dict(mesh.shape) == {"data": 1, "fsdp": 16, "tensor": 4}
     run = build_run(config, mesh, data.element_spec(config), num_train=1, experiment=module)
-    params = summary.parameter_count(run.abstract_state.params)
+    params = state_summary.parameter_count(run.abstract_state.params)
     assert 8.0e9 < params < 8.1e9
-    per_chip = summary.bytes_per_device(run.abstract_state.params) + summary.bytes_per_device(
-        run.abstract_state.opt_state)
+    per_chip = (state_summary.bytes_per_device(run.abstract_state.params)
+                + state_summary.bytes_per_device(run.abstract_state.opt_state))
     # float32 params plus two AdamW moments, split 64 ways (a few small arrays replicated).
     assert per_chip == pytest.approx(params * 12 / 64, rel=0.01)
-    table = train.describe(config, 64, module)
+    table = run_lib.describe(config, 64, module)
     assert "parameters          8,030,261,248" in table and "fsdp=16, tensor=4" in table

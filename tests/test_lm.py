@@ -7,10 +7,12 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from scaling import config as config_lib
-from scaling import data, train
-from scaling.metrics import read_metrics
-from scaling.sample import SampleOptions, sample_text
+from scaling import data
+from scaling.config import experiments as config_lib
+from scaling.inference.sample import SampleOptions, sample_text
+from scaling.runtime.metrics import read_metrics
+from scaling.training import loop
+from scaling.training import run as run_lib
 
 TINY = ["model.embed_dim=32", "model.num_layers=2", "model.num_heads=8", "model.num_kv_heads=4",
         "model.head_dim=8", "model.mlp_dim=64", "model.max_seq_len=16", "data.seq_len=16",
@@ -32,7 +34,7 @@ def train_losses(workdir):
 def one_device_losses(tmp_path_factory, shakespeare_dir):
     workdir = tmp_path_factory.mktemp("one_device")
     config, module = tiny_lm(shakespeare_dir, "mesh.data=1")
-    train.train_and_evaluate(config, workdir, module, devices=jax.devices()[:1])
+    loop.train_and_evaluate(config, workdir, module, devices=jax.devices()[:1])
     return train_losses(workdir)
 
 
@@ -50,14 +52,14 @@ MESHES = {
 def test_every_mesh_matches_one_device(mesh, tmp_path, shakespeare_dir, one_device_losses):
     overrides, shard_shape = MESHES[mesh]
     config, module = tiny_lm(shakespeare_dir, *overrides)
-    run, _ = train.setup(config, module)
+    run, _ = run_lib.setup(config, module)
     state = run.init()
     query = state.params["layers"]["attention"]["query"]
     assert query.sharding.spec == P(None, "fsdp", "tensor", None)
     assert {shard.data.shape for shard in query.addressable_shards} == {shard_shape}
     moment = state.opt_state[1][0].mu["layers"]["attention"]["query"]
     assert moment.sharding == query.sharding  # optimizer state is sharded like its param
-    train.train_and_evaluate(config, tmp_path, module)
+    loop.train_and_evaluate(config, tmp_path, module)
     losses = train_losses(tmp_path)
     assert len(losses) == len(one_device_losses) == 10
     assert losses == pytest.approx(one_device_losses, rel=1e-4)
@@ -65,9 +67,9 @@ def test_every_mesh_matches_one_device(mesh, tmp_path, shakespeare_dir, one_devi
 
 
 def compiled_hlo(config, module) -> str:
-    run, dataset = train.setup(config, module)
+    run, dataset = run_lib.setup(config, module)
     state = run.init()
-    chunk = train.put_chunk(run, data.dataset.train_chunk(dataset.train, 0, 0, 1,
+    chunk = run_lib.put_chunk(run, data.dataset.train_chunk(dataset.train, 0, 0, 1,
                                                           config.batch_size))
     with jax.set_mesh(run.mesh):
         return run.train_steps.inner.lower(state, chunk).compile().as_text()
@@ -95,13 +97,13 @@ def test_accumulation_and_remat_leave_the_loss_unchanged(tmp_path, shakespeare_d
     for name, extra in (("accumulated", ["grad_accum_steps=4"]),
                         ("remat", ["model.remat_policy=full"])):
         config, module = tiny_lm(shakespeare_dir, "mesh.data=1", *extra)
-        train.train_and_evaluate(config, tmp_path / name, module, devices=jax.devices()[:1])
+        loop.train_and_evaluate(config, tmp_path / name, module, devices=jax.devices()[:1])
         assert train_losses(tmp_path / name) == pytest.approx(one_device_losses, rel=1e-5)
 
 
 def test_sampling_is_deterministic_and_uses_the_vocabulary(shakespeare_dir):
     config, module = tiny_lm(shakespeare_dir, "mesh.data=1")
-    run, dataset = train.setup(config, module, devices=jax.devices()[:1])
+    run, dataset = run_lib.setup(config, module, devices=jax.devices()[:1])
     params = run.init().params
     options = SampleOptions(prompt="ROMEO:", max_new_tokens=40, temperature=1.0, top_k=5,
                             seed=3)

@@ -8,7 +8,7 @@ import time
 import pytest
 from conftest import REPO
 
-from scaling.metrics import read_metrics
+from scaling.runtime.metrics import read_metrics
 
 LAUNCHER = REPO / "launch" / "local.py"
 COMMON = ["--experiment=fashion_mnist_mlp", "--config.log_every_steps=1",

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from conftest import REPO, run_cli, write_idx
 
-from scaling import config as config_lib
-from scaling import train
+from scaling.config import experiments as config_lib
 from scaling.data import dataset as dataset_lib
-from scaling.metrics import read_metrics
+from scaling.runtime.metrics import read_metrics
+from scaling.training import loop
+from scaling.training import run as run_lib
 
 POISONED_EXAMPLE = 77
 HOOK = '''
@@ -69,12 +70,12 @@ def test_skip_leaves_params_and_optimizer_state_unchanged(tmp_path, poisoned):
     experiment, data_dir, bad_step = poisoned
     config, module = config_lib.load_config(
         str(experiment), [f"data.manual_dir={data_dir}", "nan_policy=skip", *ARGS])
-    run, dataset = train.setup(config, module, devices=jax.devices()[:1])
+    run, dataset = run_lib.setup(config, module, devices=jax.devices()[:1])
     state = run.init()
-    before = train.put_train_chunk(run, dataset.train, 0, bad_step - 1)
+    before = run_lib.put_train_chunk(run, dataset.train, 0, bad_step - 1)
     state, _ = run.train_steps(state, before)
     params, opt_state = jax.device_get((state.params, state.opt_state))
-    state, metrics = run.train_steps(state, train.put_train_chunk(run, dataset.train,
+    state, metrics = run.train_steps(state, run_lib.put_train_chunk(run, dataset.train,
                                                                   bad_step - 1, 1))
     assert float(metrics["skipped"][0]) == 1.0 and int(state.step) == bad_step
     after = jax.device_get((state.params, state.opt_state))
@@ -82,7 +83,7 @@ def test_skip_leaves_params_and_optimizer_state_unchanged(tmp_path, poisoned):
                         jax.tree_util.tree_leaves(after), strict=True):
         np.testing.assert_array_equal(old, new)
 
-    results = train.train_and_evaluate(config, tmp_path / "run", module,
+    results = loop.train_and_evaluate(config, tmp_path / "run", module,
                                        devices=jax.devices()[:1])
     records = {r["step"]: r for r in read_metrics(tmp_path / "run") if r["split"] == "train"}
     assert records[bad_step]["skipped"] == 1.0

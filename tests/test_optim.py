@@ -7,11 +7,11 @@ import numpy as np
 import optax
 import pytest
 
-from scaling import config as config_lib
-from scaling import optim
+from scaling.config import experiments as config_lib
 from scaling.errors import UserError
-from scaling.tasks import CLASSIFICATION
-from scaling.train import l2_penalty, objective
+from scaling.training import optimizer
+from scaling.training.steps import l2_penalty, objective
+from scaling.training.tasks import CLASSIFICATION
 
 
 def optimizer_config(**overrides) -> ml_collections.ConfigDict:
@@ -22,7 +22,7 @@ def optimizer_config(**overrides) -> ml_collections.ConfigDict:
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
 def test_each_optimizer_reduces_a_quadratic(name):
-    tx, _ = optim.make_optimizer(optimizer_config(name=name, learning_rate=0.1), 100)
+    tx, _ = optimizer.make_optimizer(optimizer_config(name=name, learning_rate=0.1), 100)
     params = {"w": jnp.ones((3, 3)), "b": jnp.ones(3)}
     state = tx.init(params)
     for _ in range(20):
@@ -34,7 +34,7 @@ def test_each_optimizer_reduces_a_quadratic(name):
 
 
 def test_adamw_decays_matrices_but_not_biases():
-    tx, _ = optim.make_optimizer(optimizer_config(name="adamw", weight_decay=0.5,
+    tx, _ = optimizer.make_optimizer(optimizer_config(name="adamw", weight_decay=0.5,
                                                   learning_rate=0.1), 10)
     params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
     zero = jax.tree_util.tree_map(jnp.zeros_like, params)
@@ -44,7 +44,7 @@ def test_adamw_decays_matrices_but_not_biases():
 
 
 def test_warmup_cosine_schedule_shape():
-    _, schedule = optim.make_optimizer(
+    _, schedule = optimizer.make_optimizer(
         optimizer_config(schedule="warmup_cosine", warmup_steps=10, learning_rate=1.0), 110)
     assert float(schedule(0)) == 0.0
     assert float(schedule(5)) == pytest.approx(0.5)
@@ -55,11 +55,11 @@ def test_warmup_cosine_schedule_shape():
 
 def test_warmup_longer_than_training_is_a_user_error():
     with pytest.raises(UserError, match="--config.optimizer.warmup_steps=50"):
-        optim.make_optimizer(optimizer_config(schedule="warmup_cosine", warmup_steps=50), 20)
+        optimizer.make_optimizer(optimizer_config(schedule="warmup_cosine", warmup_steps=50), 20)
 
 
 def test_global_norm_clipping_bounds_the_update():
-    tx, _ = optim.make_optimizer(optimizer_config(name="sgd", momentum=0.0, learning_rate=1.0,
+    tx, _ = optimizer.make_optimizer(optimizer_config(name="sgd", momentum=0.0, learning_rate=1.0,
                                                   clip_norm=1.0), 10)
     params = {"w": jnp.zeros(4)}
     updates, _ = tx.update({"w": jnp.full(4, 10.0)}, tx.init(params), params)
@@ -86,5 +86,5 @@ def test_l2_term_is_half_lambda_sum_of_squared_weights():
 
 def test_adamw_never_decays_stacked_norm_scales():
     params = {"layers": {"norm": {"scale": jnp.ones((4, 8))}, "mlp": {"up": jnp.ones((4, 8, 8))}}}
-    mask = optim.decay_mask(params)
+    mask = optimizer.decay_mask(params)
     assert mask["layers"]["norm"]["scale"] is False and mask["layers"]["mlp"]["up"] is True

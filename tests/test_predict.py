@@ -11,10 +11,11 @@ import pytest
 from conftest import REPO, run_cli
 from PIL import Image
 
-from scaling import config as config_lib
-from scaling import export, predict, serving
+from scaling import serving
+from scaling.config import experiments as config_lib
 from scaling.data.images import LABEL_NAMES, read_idx
 from scaling.errors import UserError
+from scaling.inference import export, predict
 
 TRAIN = ["--config.num_steps=16", "--config.batch_size=32", "--config.eval_batch_size=100",
          "--config.steps_per_call=8", "--config.checkpoint_every_steps=8",
@@ -75,7 +76,7 @@ int8_model = scaling.serving.load(sys.argv[1] + "/int8")
 one = float_model.predict(images[:1], top_k=3)
 out = {"float": float_model.predict(images, top_k=3), "int8": int8_model.predict(images),
        "one": one, "int8_meta": int8_model.metadata}
-leaked = [m for m in sys.modules if m == "flax" or m.startswith(("flax.", "scaling.train",
+leaked = [m for m in sys.modules if m == "flax" or m.startswith(("flax.", "scaling.training.loop",
           "scaling.models", "scaling.data", "scaling_experiment"))]
 out["leaked"] = leaked
 print(json.dumps(out))

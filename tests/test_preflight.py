@@ -1,8 +1,8 @@
 """Preflight: the compiled step's memory, FLOPs and collectives, against the formulas.
 
-Collective bytes follow the convention of `scaling.hlo` (the buffer per device, per step) and
-must agree with `preflight.analytic_collectives` within `preflight.TOLERANCE` (5%) of the
-analytic total, group by group.
+Collective bytes follow the convention of `scaling.preflight.hlo` (the buffer per device, per
+step) and must agree with `step_report.analytic_collectives` within `step_report.TOLERANCE`
+(5%) of the analytic total, group by group.
 """
 
 import importlib.util
@@ -12,11 +12,13 @@ import jax
 import pytest
 from conftest import run_cli
 
-from scaling import config as config_lib
-from scaling import hlo, preflight, summary, topology, train
-from scaling import mesh as mesh_lib
+from scaling.config import experiments as config_lib
 from scaling.errors import UserError
-from scaling.summary import parameter_count
+from scaling.preflight import hlo, step_report, topology
+from scaling.training import mesh as mesh_lib
+from scaling.training import run as run_lib
+from scaling.training import state_summary
+from scaling.training.state_summary import parameter_count
 
 TINY_LM = ["num_steps=1000", "batch_size=16", "eval_batch_size=16", "steps_per_call=1",
            "data.seq_len=32", "model.max_seq_len=32", "model.num_layers=3",
@@ -40,31 +42,31 @@ def tiny_lm(*overrides):
 
 def abstract_params(config, module, devices):
     mesh = mesh_lib.make_mesh(config.mesh, devices)
-    return train.build_run_from_shapes(config, mesh, module).abstract_state.params
+    return run_lib.build_run_from_shapes(config, mesh, module).abstract_state.params
 
 
 @pytest.mark.parametrize("parallelism", MESHES)
 def test_collective_bytes_agree_with_the_analytic_formulas(parallelism):
     config, module = tiny_lm(*MESHES[parallelism])
-    report = preflight.preflight(config, preflight.make_target(None, config), module)
+    report = step_report.preflight(config, step_report.make_target(None, config), module)
     measured = report["collective_groups"]["measured"]
     analytic = report["collective_groups"]["analytic"]
-    allowed = preflight.TOLERANCE * sum(analytic.values())
-    for group in preflight.GROUPS:
+    allowed = step_report.TOLERANCE * sum(analytic.values())
+    for group in step_report.GROUPS:
         assert measured[group] == pytest.approx(analytic[group], abs=allowed), group
     # The formulas themselves, in numbers: float32 everywhere, 16 sequences of 32 tokens.
     params = abstract_params(config, module, jax.devices())
     if parallelism.startswith("dp"):  # every gradient all-reduced once a microbatch
         microbatches = config.grad_accum_steps
-        assert analytic[preflight.GRADIENTS] == 4 * parameter_count(params) * microbatches
-        assert measured["all-gather"] == 0 and measured[preflight.GRADIENTS] > 0
+        assert analytic[step_report.GRADIENTS] == 4 * parameter_count(params) * microbatches
+        assert measured["all-gather"] == 0 and measured[step_report.GRADIENTS] > 0
     elif parallelism == "fsdp":  # every param gathered once, the layers' again for backward
         assert analytic["all-gather"] == 4 * (parameter_count(params)
                                           + parameter_count(params["layers"]))
-        assert analytic[preflight.GRADIENTS] == 4 * parameter_count(params)
+        assert analytic[step_report.GRADIENTS] == 4 * parameter_count(params)
     else:  # per layer 2 forward + 5 backward activation all-reduces, 2 for the vocabulary
         activation = 16 * 32 * 64 * 4
-        assert analytic[preflight.GRADIENTS] == (7 * 3 + 2) * activation
+        assert analytic[step_report.GRADIENTS] == (7 * 3 + 2) * activation
     flops = report["flops_per_device"]
     assert flops["compiled_matmuls"] == pytest.approx(flops["model"], rel=0.01)
     assert report["memory_per_device"]["peak"] > 0 and report["fits"] is None
@@ -153,17 +155,17 @@ def test_unknown_slice_names_list_the_known_ones(name):
 def test_preflight_for_a_tpu_slice_reports_memory_flops_and_time():
     config, module = tiny_lm("mesh.data=2", "mesh.fsdp=1", "mesh.tensor=4",
                              "model.dtype=bfloat16")
-    target = preflight.make_target("v5e-8", config)
+    target = step_report.make_target("v5e-8", config)
     assert len(target.devices) == 8 and target.chip.name == "TPU v5e"
-    report = preflight.preflight(config, target, module)
+    report = step_report.preflight(config, target, module)
     memory = report["memory_per_device"]
     mesh = mesh_lib.make_mesh(config.mesh, target.devices)
-    state = train.build_run_from_shapes(config, mesh, module).abstract_state
-    assert memory["arguments"] >= summary.bytes_per_device(state) > 0
+    state = run_lib.build_run_from_shapes(config, mesh, module).abstract_state
+    assert memory["arguments"] >= state_summary.bytes_per_device(state) > 0
     assert memory["peak"] < target.chip.hbm_bytes and report["fits"] is True
     flops = report["flops_per_device"]
     assert flops["compiled_matmuls"] == pytest.approx(flops["model"], rel=0.01)
-    assert preflight.agrees(report["collective_groups"]["measured"],
+    assert step_report.agrees(report["collective_groups"]["measured"],
                             report["collective_groups"]["analytic"])
     estimate = report["estimate"]
     assert estimate["step_seconds"] >= max(estimate["compute_seconds"],
@@ -171,9 +173,9 @@ def test_preflight_for_a_tpu_slice_reports_memory_flops_and_time():
     assert 0 < estimate["mfu_bound"] <= 1
     # The same step on a chip with a quarter of the peak's memory, as the message reads it.
     small = {**report, "chip": {**report["chip"], "hbm_bytes": memory["peak"] / 4}}
-    message = preflight.does_not_fit_message(small, config)
-    peak = summary.format_bytes(memory["peak"])
-    over = summary.format_bytes(memory["peak"] * 3 / 4)
+    message = step_report.does_not_fit_message(small, config)
+    peak = state_summary.format_bytes(memory["peak"])
+    over = state_summary.format_bytes(memory["peak"] * 3 / 4)
     assert message.startswith(f"does not fit: needs {peak} per chip, {over} (300%) over the ")
     assert "of TPU v5e HBM; try " in message
 
@@ -193,10 +195,10 @@ def test_oversized_step_exits_4_saying_by_how_much(tmp_path):
     assert result.returncode == 4, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in result.stderr
-    report = json.loads((tmp_path / "preflight.json").read_text())
+    report = json.loads((tmp_path / "step_report.json").read_text())
     peak, hbm = report["memory_per_device"]["peak"], 16 * 2**30
     assert report["fits"] is False and peak > 4 * 2**30 * 3  # params and two Adam moments
-    over = f"{summary.format_bytes(peak - hbm)} ({(peak - hbm) / hbm:.0%}) over"
+    over = f"{state_summary.format_bytes(peak - hbm)} ({(peak - hbm) / hbm:.0%}) over"
     assert errors[0].startswith("error: does not fit: needs ")
     assert f"{over} the 16.0 GiB of TPU v5e HBM; try " in errors[0]
     assert "memory per device" in result.stdout and "does not fit" in result.stdout
@@ -207,9 +209,9 @@ def test_unknown_topology_is_a_user_error(tmp_path):
                      "--topology=v5p-100", f"--workdir={tmp_path}")
     assert result.returncode == 2, result.stderr
     assert "error: --topology=v5p-100: unknown TPU slice; known: " in result.stderr
-    assert not (tmp_path / "preflight.json").exists()
+    assert not (tmp_path / "step_report.json").exists()
 
 
 def test_local_devices_need_no_topology():
-    target = preflight.make_target(None, tiny_lm()[0])
+    target = step_report.make_target(None, tiny_lm()[0])
     assert target.devices == jax.devices() and target.chip is None

@@ -14,9 +14,11 @@ import pytest
 from conftest import REPO, run_cli
 from test_cli import assert_user_error, committed_steps
 
-from scaling import checkpoint, provenance, train
-from scaling import config as config_lib
+from scaling.config import experiments as config_lib
 from scaling.errors import UserError
+from scaling.runtime import checkpoint, provenance
+from scaling.training import loop
+from scaling.training import run as run_lib
 
 
 def tiny_args(data_dir, workdir, *extra):
@@ -80,7 +82,7 @@ def test_sigkill_during_an_async_save_resumes_from_the_last_committed_step(tmp_p
 
 def test_checkpoint_listing_agrees_with_orbax_before_orbax_is_opened(tmp_path, tiny_idx_dir):
     config, module = tiny_config(tiny_idx_dir, "checkpoint_every_steps=4")
-    train.train_and_evaluate(config, tmp_path, module)
+    loop.train_and_evaluate(config, tmp_path, module)
     (tmp_path / "checkpoints" / "12.orbax-checkpoint-tmp-1").mkdir()  # a save still staged
     manager = checkpoint.make_manager(tmp_path, 3)
     assert (manager.all_steps(), manager.latest_step(), manager.opened) == ([4, 8], 8, False)
@@ -94,8 +96,10 @@ def test_a_fresh_run_imports_orbax_only_for_its_first_save(tmp_path, tiny_idx_di
 import sys
 from pathlib import Path
 
-from scaling import checkpoint, train
-from scaling import config as config_lib
+from scaling.runtime import checkpoint
+
+from scaling.training import loop
+from scaling.config import experiments as config_lib
 
 imported_at_save = []
 save = checkpoint.save
@@ -106,7 +110,7 @@ def spy(manager, state, **kwargs):
 
 checkpoint.save = spy
 config, module = config_lib.load_config("mnist_mlp", {tiny_config_overrides(tiny_idx_dir)!r})
-train.train_and_evaluate(config, Path({str(tmp_path)!r}), module)
+loop.train_and_evaluate(config, Path({str(tmp_path)!r}), module)
 print(imported_at_save)
 """
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -118,7 +122,7 @@ print(imported_at_save)
 
 def test_incompatible_checkpoints_list_every_mismatched_path(tmp_path, tiny_idx_dir):
     config, module = tiny_config(tiny_idx_dir)
-    train.train_and_evaluate(config, tmp_path, module)
+    loop.train_and_evaluate(config, tmp_path, module)
     manager = checkpoint.make_manager(tmp_path, 3)
 
     def refusal(abstract_state) -> str:
@@ -128,7 +132,7 @@ def test_incompatible_checkpoints_list_every_mismatched_path(tmp_path, tiny_idx_
 
     def abstract_state(*overrides):
         changed, module = tiny_config(tiny_idx_dir, *overrides)
-        return train.setup(changed, module)[0].abstract_state
+        return run_lib.setup(changed, module)[0].abstract_state
 
     wider = refusal(abstract_state("model.hidden_sizes=(64, 128)"))
     assert "params/hidden_0/kernel: float32[784,128] in the checkpoint, float32[784,64]" in wider
@@ -140,7 +144,7 @@ def test_incompatible_checkpoints_list_every_mismatched_path(tmp_path, tiny_idx_
     missing = refusal(abstract_state("model.hidden_sizes=(128,)"))
     assert "params/hidden_1/kernel: float32[128,128] in the checkpoint, absent" in missing
 
-    run = train.setup(config, module)[0]
+    run = run_lib.setup(config, module)[0]
     as_bfloat16 = run.abstract_state.replace(params=jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, jnp.bfloat16, sharding=leaf.sharding),
         run.abstract_state.params))
@@ -248,7 +252,7 @@ def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(small_disk
 
 def test_checkpoints_contain_no_pickle(tmp_path, tiny_idx_dir):
     config, module = tiny_config(tiny_idx_dir)
-    train.train_and_evaluate(config, tmp_path, module)
+    loop.train_and_evaluate(config, tmp_path, module)
     files = [p for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()]
     assert len(files) > 5
     for path in files:

@@ -19,10 +19,12 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from scaling import config as config_lib
-from scaling import export, serving, train
+from scaling import serving
+from scaling.config import experiments as config_lib
 from scaling.data.images import read_idx
-from scaling.serve import Batcher
+from scaling.inference import export
+from scaling.serving.server import Batcher
+from scaling.training import loop
 
 MAX_REQUEST_BYTES = 64 * 1024
 
@@ -34,7 +36,7 @@ def artifact(tmp_path_factory, tiny_idx_dir):
         f"data.manual_dir={tiny_idx_dir}", "num_steps=8", "batch_size=32",
         "eval_batch_size=96", "steps_per_call=8"])
     with contextlib.redirect_stdout(io.StringIO()):
-        train.train_and_evaluate(config, workdir, module)
+        loop.train_and_evaluate(config, workdir, module)
     export.export_checkpoint(config, workdir, export.ExportOptions(), module)
     return workdir / "export"
 

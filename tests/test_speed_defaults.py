@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from scaling import checkpoint, collector, compiler_options, profiling, train
-from scaling import config as config_lib
-from scaling import mesh as mesh_lib
+from scaling.config import experiments as config_lib
 from scaling.data import element_spec
 from scaling.errors import UserError
+from scaling.runtime import checkpoint, profiling, startup_gc
+from scaling.training import compiler_options, loop
+from scaling.training import mesh as mesh_lib
+from scaling.training import run as run_lib
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # a compile or a cache load
 TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
@@ -51,7 +53,7 @@ def tiny_config(data_dir, *overrides):
 def train_tiny(workdir, data_dir, *overrides, **kwargs):
     """On one device, where XLA compiles fastest; sharding changes nothing here."""
     config, module = tiny_config(data_dir, *overrides)
-    return train.train_and_evaluate(config, workdir, module, devices=jax.devices()[:1],
+    return loop.train_and_evaluate(config, workdir, module, devices=jax.devices()[:1],
                                     **kwargs)
 
 
@@ -76,7 +78,7 @@ def test_more_calls_evaluations_and_checkpoints_compile_nothing_more(tmp_path, t
 def test_start_up_runs_without_the_collector_and_training_with_it(tmp_path, tiny_idx_dir,
                                                                   monkeypatch):
     enabled = {}
-    setup, save = train.setup, checkpoint.save
+    setup, save = run_lib.setup, checkpoint.save
 
     def spy_setup(*args, **kwargs):
         enabled["setup"] = gc.isenabled()
@@ -86,15 +88,15 @@ def test_start_up_runs_without_the_collector_and_training_with_it(tmp_path, tiny
         enabled.setdefault("first save", gc.isenabled())
         return save(*args, **kwargs)
 
-    monkeypatch.setattr(train, "setup", spy_setup)
+    monkeypatch.setattr(loop, "setup", spy_setup)
     monkeypatch.setattr(checkpoint, "save", spy_save)
     frozen_before = gc.get_freeze_count()
-    collector.pause()
+    startup_gc.pause()
     try:
         train_tiny(tmp_path, tiny_idx_dir, "num_steps=8")
         frozen_after = gc.get_freeze_count()
     finally:
-        collector.resume()  # in case training failed before it resumed the collector
+        startup_gc.resume()  # in case training failed before it resumed the collector
         gc.unfreeze()
     assert enabled == {"setup": False, "first save": True}
     assert gc.isenabled() and frozen_after > frozen_before
@@ -104,17 +106,17 @@ def test_resuming_the_collector_frees_start_up_garbage_before_freezing_the_rest(
     class Node:
         pass
 
-    collector.pause()
+    startup_gc.pause()
     try:
         node = Node()
         node.cycle = node
         probe = weakref.ref(node)
         del node
         assert probe() is not None  # a reference cycle, and no collector to free it
-        collector.resume()
+        startup_gc.resume()
         assert probe() is None and gc.isenabled()
     finally:
-        collector.resume()
+        startup_gc.resume()
         gc.unfreeze()
 
 
@@ -122,8 +124,8 @@ def test_short_calls_compile_one_power_of_two_shape_each(tmp_path, tiny_idx_dir)
     num_steps, steps_per_call = 15, 4
     lengths, step = set(), 0
     while step < num_steps:
-        lengths.add(train.call_length(step, num_steps, steps_per_call))
-        step += train.call_length(step, num_steps, steps_per_call)
+        lengths.add(loop.call_length(step, num_steps, steps_per_call))
+        step += loop.call_length(step, num_steps, steps_per_call)
     with compilations() as events:
         train_tiny(tmp_path, tiny_idx_dir, f"num_steps={num_steps}",
                    f"steps_per_call={steps_per_call}", "eval_every_steps=1000",
@@ -147,7 +149,7 @@ def test_train_call_donates_the_whole_state(experiment, overrides, num_devices):
     config, module = config_lib.load_config(experiment, ["steps_per_call=2", *overrides])
     mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:num_devices])
     spec = element_spec(config)
-    run = train.build_run(config, mesh, spec, num_train=1000, experiment=module)
+    run = run_lib.build_run(config, mesh, spec, num_train=1000, experiment=module)
     chunk = {k: jax.ShapeDtypeStruct((2, config.batch_size) + v.shape, v.dtype)
              for k, v in spec.items()}
     lower = mesh_lib.with_mesh_rules(run.train_steps.inner.lower, mesh, run.rules)
@@ -274,7 +276,7 @@ def test_experiment_xla_options_reach_its_compiled_steps(tmp_path, tiny_idx_dir)
     assert compiler_options.for_platform(config, "cpu") == {
         "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE",
         "xla_dump_to": str(dump)}
-    train.train_and_evaluate(config, tmp_path / "run", module, devices=jax.devices()[:1])
+    loop.train_and_evaluate(config, tmp_path / "run", module, devices=jax.devices()[:1])
     dumped = {p.name for p in dump.iterdir()}
     for name in ("train_steps", "evaluate_chunk"):
         assert any(f"jit_{name}" in n and n.endswith(".txt") for n in dumped), sorted(dumped)
@@ -289,7 +291,7 @@ def test_bad_xla_options_are_user_errors_naming_the_key(tiny_idx_dir, name, valu
     with config.unlocked():
         config.xla_options.cpu[name] = value
     with pytest.raises(UserError, match=rf"--config\.xla_options\.cpu\.{name}=") as error:
-        train.setup(config, module, devices=jax.devices()[:1])
+        run_lib.setup(config, module, devices=jax.devices()[:1])
     assert fragment in str(error.value)
 
 

@@ -6,10 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-from scaling import checkpoint, train
-from scaling import config as config_lib
+from scaling.config import experiments as config_lib
 from scaling.errors import UserError
-from scaling.metrics import read_metrics
+from scaling.runtime import checkpoint
+from scaling.runtime.metrics import read_metrics
+from scaling.training import loop
+from scaling.training import run as run_lib
 
 
 def tiny_config(data_dir, *overrides):
@@ -29,10 +31,10 @@ def test_data_fsdp_mesh_matches_one_device_for_20_steps(tmp_path, fashion_mnist_
               "checkpoint_every_steps=20"]
     config, module = config_lib.load_config("fashion_mnist_mlp",
                                             common + ["mesh.data=1", "mesh.fsdp=1"])
-    train.train_and_evaluate(config, tmp_path / "one", module, devices=jax.devices()[:1])
+    loop.train_and_evaluate(config, tmp_path / "one", module, devices=jax.devices()[:1])
     config, module = config_lib.load_config("fashion_mnist_mlp",
                                             common + ["mesh.data=4", "mesh.fsdp=2"])
-    train.train_and_evaluate(config, tmp_path / "eight", module)
+    loop.train_and_evaluate(config, tmp_path / "eight", module)
     one, eight = losses(tmp_path / "one"), losses(tmp_path / "eight")
     assert sorted(one) == list(range(1, 21)) == sorted(eight)
     for step in one:
@@ -41,7 +43,7 @@ def test_data_fsdp_mesh_matches_one_device_for_20_steps(tmp_path, fashion_mnist_
 
 def test_params_are_sharded_by_the_rules(tiny_idx_dir):
     config, module = tiny_config(tiny_idx_dir, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
-    run, _ = train.setup(config, module)
+    run, _ = run_lib.setup(config, module)
     state = run.init()
     hidden0 = state.params["hidden_0"]["kernel"]   # (embed, mlp) -> (fsdp, tensor)
     hidden1 = state.params["hidden_1"]["kernel"]   # (mlp, embed) -> (tensor, fsdp)
@@ -56,19 +58,19 @@ def test_params_are_sharded_by_the_rules(tiny_idx_dir):
 def test_batch_must_divide_the_data_parallel_size(tiny_idx_dir):
     config, module = tiny_config(tiny_idx_dir, "batch_size=60", "mesh.data=8")
     with pytest.raises(UserError, match=r"--config.batch_size=60: must be divisible by .* 8"):
-        train.setup(config, module)
+        run_lib.setup(config, module)
 
 
 def test_mesh_must_match_the_devices(tiny_idx_dir):
     config, module = tiny_config(tiny_idx_dir, "mesh.data=3")
     with pytest.raises(UserError, match="--config.mesh.data=3"):
-        train.setup(config, module)
+        run_lib.setup(config, module)
 
 
 def test_training_learns_and_writes_the_workdir(tmp_path, tiny_idx_dir):
     config, module = tiny_config(tiny_idx_dir, "num_steps=40", "eval_every_steps=40",
                                  "checkpoint_every_steps=20")
-    results = train.train_and_evaluate(config, tmp_path, module)
+    results = loop.train_and_evaluate(config, tmp_path, module)
     assert results["test"]["num_examples"] == 300       # 300 = 4 full batches + 44 padded
     assert results["test"]["accuracy"] > 0.9
     records = read_metrics(tmp_path)
@@ -84,14 +86,14 @@ def test_training_learns_and_writes_the_workdir(tmp_path, tiny_idx_dir):
 
 def test_resume_continues_exactly_where_it_stopped(tmp_path, tiny_idx_dir):
     config, module = tiny_config(tiny_idx_dir)
-    train.train_and_evaluate(config, tmp_path / "straight", module)
+    loop.train_and_evaluate(config, tmp_path / "straight", module)
     short, module = tiny_config(tiny_idx_dir, "num_steps=16")
-    train.train_and_evaluate(short, tmp_path / "resumed", module)
-    train.train_and_evaluate(config, tmp_path / "resumed", module)
+    loop.train_and_evaluate(short, tmp_path / "resumed", module)
+    loop.train_and_evaluate(config, tmp_path / "resumed", module)
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert sorted(resumed) == list(range(1, 25))
     assert resumed == straight  # bitwise: same data order, rng and optimizer state
-    run, _ = train.setup(config, module)
+    run, _ = run_lib.setup(config, module)
     final = {}
     for name in ("straight", "resumed"):
         manager = checkpoint.make_manager(tmp_path / name, 3)
@@ -106,8 +108,8 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, tiny_idx_dir):
 
 def test_eval_mode_reports_the_latest_checkpoint(tmp_path, tiny_idx_dir):
     config, module = tiny_config(tiny_idx_dir)
-    trained = train.train_and_evaluate(config, tmp_path, module)
-    evaluated = train.evaluate_checkpoint(config, tmp_path, module)
+    trained = loop.train_and_evaluate(config, tmp_path, module)
+    evaluated = loop.evaluate_checkpoint(config, tmp_path, module)
     assert evaluated["test"]["loss"] == pytest.approx(trained["test"]["loss"], rel=1e-6)
     assert evaluated["test"]["accuracy"] == trained["test"]["accuracy"]
 
@@ -115,16 +117,16 @@ def test_eval_mode_reports_the_latest_checkpoint(tmp_path, tiny_idx_dir):
 def test_eval_without_checkpoint_is_a_user_error(tmp_path, tiny_idx_dir):
     config, module = tiny_config(tiny_idx_dir)
     with pytest.raises(UserError, match="no checkpoint to evaluate"):
-        train.evaluate_checkpoint(config, tmp_path, module)
+        loop.evaluate_checkpoint(config, tmp_path, module)
 
 
 @pytest.mark.parametrize("remaining, expected", [(100, 8), (8, 8), (7, 4), (1, 1), (5, 4)])
 def test_short_calls_are_powers_of_two(remaining, expected):
-    assert train.call_length(10, 10 + remaining, steps_per_call=8) == expected
+    assert loop.call_length(10, 10 + remaining, steps_per_call=8) == expected
 
 
 def test_config_json_round_trips(tmp_path, tiny_idx_dir):
-    from scaling.workdir import write_config
+    from scaling.runtime.workdir import write_config
 
     config, _ = tiny_config(tiny_idx_dir, "mesh.fsdp=2", "mesh.data=4")
     write_config(config, tmp_path)
@@ -136,10 +138,10 @@ def test_config_json_round_trips(tmp_path, tiny_idx_dir):
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path, tiny_idx_dir):
     config, module = tiny_config(tiny_idx_dir, "num_steps=8", "eval_every_steps=8")
-    train.train_and_evaluate(config, tmp_path / "full", module)
+    loop.train_and_evaluate(config, tmp_path / "full", module)
     config, module = tiny_config(tiny_idx_dir, "num_steps=8", "eval_every_steps=8",
                                  "grad_accum_steps=4")
-    train.train_and_evaluate(config, tmp_path / "accumulated", module)
+    loop.train_and_evaluate(config, tmp_path / "accumulated", module)
     full, accumulated = losses(tmp_path / "full"), losses(tmp_path / "accumulated")
     assert sorted(full) == sorted(accumulated) == list(range(1, 9))
     for step in full:
@@ -150,22 +152,22 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path, tiny_idx_dir):
 def test_accumulation_must_split_the_batch(tiny_idx_dir):
     config, module = tiny_config(tiny_idx_dir, "grad_accum_steps=3")
     with pytest.raises(UserError, match="--config.grad_accum_steps=3"):
-        train.setup(config, module)
+        run_lib.setup(config, module)
 
 
 def test_dcn_axes_need_as_many_slices(tiny_idx_dir):
     config, module = tiny_config(tiny_idx_dir, "mesh.dcn_data=2")
     with pytest.raises(UserError, match="multiply to 2 slices, but this run has 1 processes"):
-        train.setup(config, module)
+        run_lib.setup(config, module)
 
 
 def test_checkpoint_restores_onto_a_different_mesh(tmp_path, tiny_idx_dir):
     config, module = tiny_config(tiny_idx_dir, "mesh.data=8")
-    train.train_and_evaluate(config, tmp_path / "straight", module)
+    loop.train_and_evaluate(config, tmp_path / "straight", module)
     short, module = tiny_config(tiny_idx_dir, "mesh.data=8", "num_steps=16")
-    train.train_and_evaluate(short, tmp_path / "moved", module)
+    loop.train_and_evaluate(short, tmp_path / "moved", module)
     other, module = tiny_config(tiny_idx_dir, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
-    run, _ = train.setup(other, module)
+    run, _ = run_lib.setup(other, module)
     manager = checkpoint.make_manager(tmp_path / "moved", keep=3)
     state = checkpoint.restore(manager, run.abstract_state)
     kernel = state.params["hidden_0"]["kernel"]
@@ -177,7 +179,7 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path, tiny_idx_dir):
                                       (("mesh.data=1", "mesh.fsdp=4"), jax.devices()[:4],
                                        (784 // 4, 128))):
         target, _ = tiny_config(tiny_idx_dir, *overrides)
-        target_run, _ = train.setup(target, module, devices=devices)
+        target_run, _ = run_lib.setup(target, module, devices=devices)
         moved = checkpoint.restore(manager, target_run.abstract_state)
         moved_kernel = moved.params["hidden_0"]["kernel"]
         assert len(moved_kernel.sharding.device_set) == len(devices or jax.devices())
@@ -186,7 +188,7 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path, tiny_idx_dir):
                                        strict=True):
             assert np.array_equal(np.asarray(restored), np.asarray(reference))
     manager.close()
-    train.train_and_evaluate(other, tmp_path / "moved", module)
+    loop.train_and_evaluate(other, tmp_path / "moved", module)
     straight, moved = losses(tmp_path / "straight"), losses(tmp_path / "moved")
     assert sorted(moved) == list(range(1, 25))
     for step in straight:

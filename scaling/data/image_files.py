@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from scaling.errors import UserError
-from scaling.pixels import as_pixel_batch
+from scaling.serving.pixels import as_pixel_batch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARRAY_SUFFIXES = (".npy",)

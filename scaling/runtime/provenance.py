@@ -20,8 +20,8 @@ from pathlib import Path
 
 import ml_collections
 
-from scaling import checkpoint
 from scaling.errors import UserError
+from scaling.runtime import checkpoint
 
 PACKAGES = ("scaling", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
             "ml-collections", "tensorflow-datasets")

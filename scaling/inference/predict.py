@@ -2,7 +2,7 @@
 
 Inputs take the path that training and evaluation take: files are decoded to the dataset's
 stored layout (uint8 pixels, nothing rescaled), and the task's own preprocessing and the
-model's eval-mode forward pass (`train.eval_logits`) do the rest, in batches sharded over the
+model's eval-mode forward pass (`steps.eval_logits`) do the rest, in batches sharded over the
 mesh. Each prediction is post-processed into the argmax label and the top-k classes with their
 probabilities, named by the dataset's label names, and written as JSON lines or CSV.
 """
@@ -24,14 +24,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from scaling import checkpoint, train
-from scaling import mesh as mesh_lib
 from scaling.data import element_spec
 from scaling.data.dataset import ArrayDataset
 from scaling.data.image_files import read_inputs
 from scaling.errors import UserError
-from scaling.pixels import pad_batch
-from scaling.postprocess import DEFAULT_TOP_K, resolve_top_k, top_k_records
+from scaling.runtime import checkpoint
+from scaling.serving.pixels import pad_batch
+from scaling.serving.postprocess import DEFAULT_TOP_K, resolve_top_k, top_k_records
+from scaling.training import mesh as mesh_lib
+from scaling.training import run as run_lib
+from scaling.training import steps
 
 IMAGE_KEY = "image"
 SPLIT_PREFIX = "split:"
@@ -64,7 +66,7 @@ def require_classifier(config: ml_collections.ConfigDict, mode: str) -> None:
 
 def prediction_outputs(params, batch, *, model, task) -> dict[str, jax.Array]:
     """Argmax labels and class probabilities: what predict, export and serving all return."""
-    logits = train.eval_logits(params, batch, model=model, task=task)
+    logits = steps.eval_logits(params, batch, model=model, task=task)
     return {"label": jnp.argmax(logits, axis=-1).astype(jnp.int32),
             "probabilities": jax.nn.softmax(logits, axis=-1)}
 
@@ -72,7 +74,7 @@ def prediction_outputs(params, batch, *, model, task) -> dict[str, jax.Array]:
 @dataclasses.dataclass(frozen=True)
 class Predictor:
     """A restored checkpoint and its compiled prediction function on the run's mesh."""
-    run: train.Run
+    run: run_lib.Run
     dataset: ArrayDataset
     params: Any
     step: int
@@ -116,7 +118,7 @@ def load_predictor(config: ml_collections.ConfigDict, workdir: Path,
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
     try:
         step = checkpoint_step(manager, requested_step, workdir)
-        run, dataset = train.setup(config, experiment, devices)
+        run, dataset = run_lib.setup(config, experiment, devices)
         state = checkpoint.restore(manager, run.abstract_state, step)
     finally:
         manager.close()

@@ -2,7 +2,7 @@
 
 The exported function is `predict.prediction_outputs` itself, preprocessing included, traced
 once with a symbolic batch dimension and lowered to StableHLO for CPU, CUDA and TPU; the
-directory layout is described in `scaling.serving`, whose loader reads it. Optionally the
+directory layout is described in `scaling.serving.artifact`, whose loader reads it. Optionally the
 weight matrices are stored as int8 with one float scale per output unit (weight-only,
 symmetric), dequantized inside the function; activations stay in float. Every export is
 loaded back through that loader and compared with the checkpoint on the eval splits before it
@@ -22,16 +22,16 @@ import ml_collections
 import numpy as np
 from jax import export as jax_export
 
-from scaling import serving
 from scaling.data import element_spec
 from scaling.errors import UserError
-from scaling.predict import (
+from scaling.inference.predict import (
     IMAGE_KEY,
     Predictor,
     load_predictor,
     prediction_outputs,
     require_classifier,
 )
+from scaling.serving import artifact
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 QUANTIZATIONS = ("int8",)
@@ -92,7 +92,7 @@ def check_destination(artifact: str | None, workdir: Path) -> Path:
     flag = f"--artifact={artifact}" if artifact else f"the default artifact directory {path}"
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag}: a file is in the way; choose a directory")
-    if path.is_dir() and any(path.iterdir()) and not (path / serving.METADATA_FILE).is_file():
+    if path.is_dir() and any(path.iterdir()) and not (path / artifact.METADATA_FILE).is_file():
         raise UserError(f"{flag}: the directory holds files that are not an exported model; "
                         "choose an empty or new directory")
     try:
@@ -111,7 +111,7 @@ def metadata_for(predictor: Predictor, exported: jax_export.Exported, weights,
     stored = jax.tree_util.tree_leaves(weights)
     float_bytes = sum(np.asarray(p).nbytes for p in jax.tree_util.tree_leaves(predictor.params))
     return {
-        "format": serving.FORMAT,
+        "format": artifact.FORMAT,
         "experiment": config.experiment,
         "checkpoint_step": predictor.step,
         "task": config.task,
@@ -136,17 +136,17 @@ def metadata_for(predictor: Predictor, exported: jax_export.Exported, weights,
 
 def write_files(directory: Path, exported: jax_export.Exported, weights, metadata: dict) -> None:
     directory.mkdir()
-    (directory / serving.FUNCTION_FILE).write_bytes(exported.serialize())
+    (directory / artifact.FUNCTION_FILE).write_bytes(exported.serialize())
     leaves = jax.tree_util.tree_leaves(weights)
-    np.savez(directory / serving.WEIGHTS_FILE, **{f"{i:05d}": w for i, w in enumerate(leaves)})
+    np.savez(directory / artifact.WEIGHTS_FILE, **{f"{i:05d}": w for i, w in enumerate(leaves)})
     write_metadata(directory, metadata)
 
 
 def write_metadata(directory: Path, metadata: dict) -> None:
-    (directory / serving.METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    (directory / artifact.METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
 
 
-def compare_on_eval_splits(predictor: Predictor, model: serving.ServedModel) -> dict:
+def compare_on_eval_splits(predictor: Predictor, model: artifact.ServedModel) -> dict:
     """Accuracy of the checkpoint and of the loaded artifact, and how often they agree."""
     results = {}
     for split, data in predictor.dataset.eval_splits.items():
@@ -191,7 +191,7 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: Path, options:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         write_files(staging, exported, weights, metadata)
-        metadata["accuracy"] = compare_on_eval_splits(predictor, serving.load(staging))
+        metadata["accuracy"] = compare_on_eval_splits(predictor, artifact.load(staging))
         write_metadata(staging, metadata)
         publish(staging, destination)
     except OSError as e:

@@ -30,8 +30,8 @@ import numpy as np
 from jax import export as jax_export
 
 from scaling.errors import UserError
-from scaling.pixels import as_pixel_batch, pad_batch
-from scaling.postprocess import DEFAULT_TOP_K, resolve_top_k, top_k_records
+from scaling.serving.pixels import as_pixel_batch, pad_batch
+from scaling.serving.postprocess import DEFAULT_TOP_K, resolve_top_k, top_k_records
 
 FUNCTION_FILE = "model.jax_export"
 WEIGHTS_FILE = "weights.npz"

@@ -1,11 +1,12 @@
 """`--mode=preflight`: compile the real train step for the target hardware, without running it.
 
 The target is the local devices, or a TPU slice named by `--topology` (compiled here through
-libtpu's ahead-of-time path, see `scaling.topology`). From the compiled step come the memory
-each chip needs (XLA's buffer assignment), the matmul FLOPs and the collectives (read from the
-optimised HLO by `scaling.hlo`, loop trip counts included). The collectives are set beside the
-textbook formulas for data, FSDP and tensor parallelism (`analytic_collectives`), and the
-chip's spec-sheet numbers give an estimated step time and an MFU bound.
+libtpu's ahead-of-time path, see `scaling.preflight.topology`). From the compiled step come
+the memory each chip needs (XLA's buffer assignment), the matmul FLOPs and the collectives
+(read from the optimised HLO by `scaling.preflight.hlo`, loop trip counts included). The
+collectives are set beside the textbook formulas for data, FSDP and tensor parallelism
+(`analytic_collectives`), and the chip's spec-sheet numbers give an estimated step time and an
+MFU bound.
 
 The estimate is max(matmul FLOPs / peak FLOP/s, HBM bytes / HBM bandwidth) + ring bytes /
 interconnect bandwidth: compute and memory traffic overlap, communication is assumed not to
@@ -25,12 +26,14 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from scaling import hardware, hlo, topology, train
-from scaling import mesh as mesh_lib
 from scaling.data import element_spec
 from scaling.errors import DoesNotFit
-from scaling.summary import bytes_per_device, format_bytes
-from scaling.workdir import write_json_atomically
+from scaling.preflight import hlo, topology
+from scaling.runtime import chips
+from scaling.runtime.workdir import write_json_atomically
+from scaling.training import mesh as mesh_lib
+from scaling.training import run as run_lib
+from scaling.training.state_summary import bytes_per_device, format_bytes
 
 GRADIENTS = "all-reduce + reduce-scatter"   # gradient and activation reductions, one group
 GROUPS = ("all-gather", GRADIENTS, "all-to-all", "collective-permute")
@@ -42,7 +45,7 @@ TOLERANCE = 0.05
 class Target:
     label: str
     devices: list
-    chip: hardware.Chip | None
+    chip: chips.Chip | None
     platform: str
 
 
@@ -59,7 +62,7 @@ def make_target(topology_name: str | None, config: ml_collections.ConfigDict) ->
     else:
         devices = jax.devices()
         label = _count(len(devices), f"local {devices[0].platform} device")
-    return Target(label, devices, hardware.chip_for(devices[0].device_kind),
+    return Target(label, devices, chips.chip_for(devices[0].device_kind),
                   devices[0].platform)
 
 
@@ -67,7 +70,7 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" + "s" * (number != 1)
 
 
-def compile_step(run: train.Run):
+def compile_step(run: run_lib.Run):
     """One training step (a chunk of one batch), lowered and compiled as training runs it."""
     config = run.config
     sharding = mesh_lib.batch_sharding(run.mesh, run.rules, leading_dims=1)
@@ -101,7 +104,7 @@ class _Param:
     unsplit_bytes: float   # once gathered over fsdp, still split over the other axes
 
 
-def _params(run: train.Run) -> list[_Param]:
+def _params(run: run_lib.Run) -> list[_Param]:
     mesh_shape = dict(run.mesh.shape)
     params = []
     for path, leaf in jax.tree_util.tree_leaves_with_path(run.abstract_state.params):
@@ -113,7 +116,7 @@ def _params(run: train.Run) -> list[_Param]:
     return params
 
 
-def analytic_collectives(run: train.Run, platform: str) -> dict[str, float]:
+def analytic_collectives(run: run_lib.Run, platform: str) -> dict[str, float]:
     """Per-device buffer bytes per step that the textbook formulas predict, by group.
 
     - Data parallelism (and FSDP): the gradient of every parameter is reduced over the batch
@@ -176,7 +179,7 @@ def analytic_collectives(run: train.Run, platform: str) -> dict[str, float]:
     return totals
 
 
-def estimate(counts: hlo.StepCounts, model_flops: float, chip: hardware.Chip) -> dict:
+def estimate(counts: hlo.StepCounts, model_flops: float, chip: chips.Chip) -> dict:
     compute = counts.matmul_flops / chip.peak_flops
     memory = counts.bytes_accessed / chip.hbm_bandwidth
     communication = counts.wire_bytes() / chip.ici_bandwidth
@@ -213,7 +216,7 @@ def _refusal_bytes(number: str, unit: str) -> float:
 def preflight(config: ml_collections.ConfigDict, target: Target, experiment=None) -> dict:
     """Compile the step for `target` and report on it, as one JSON-ready dictionary."""
     mesh = mesh_lib.make_mesh(config.mesh, target.devices)
-    run = train.build_run_from_shapes(config, mesh, experiment)
+    run = run_lib.build_run_from_shapes(config, mesh, experiment)
     report = {
         "experiment": config.experiment,
         "target": target.label,

@@ -9,12 +9,6 @@ from __future__ import annotations
 
 import signal
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again later; a restart resumes from the checkpoint
-
-
-class Preempted(Exception):
-    """Raised once the preemption checkpoint is committed."""
-
 
 class PreemptionWatch:
     def __init__(self):

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from scaling import checkpoint
 from scaling.errors import UserError
+from scaling.runtime import checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +100,7 @@ def sample_text(model, params, tokenizer, options: SampleOptions) -> str:
 
 def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir, options: SampleOptions,
                            experiment=None) -> str:
-    from scaling import train
+    from scaling.training import run as run_lib
 
     if config.task != "language_modeling":
         raise UserError(f"--mode=sample needs a language model; {config.experiment} is a "
@@ -109,7 +109,7 @@ def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir, options: 
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
     if manager.latest_step() is None:
         raise UserError(f"--workdir={workdir}: no checkpoint to sample from; train first")
-    run, dataset = train.setup(config, experiment)
+    run, dataset = run_lib.setup(config, experiment)
     state = checkpoint.restore(manager, run.abstract_state)
     manager.close()
     return sample_text(run.model, state.params, dataset.tokenizer, options)

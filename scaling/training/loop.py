@@ -1,0 +1,210 @@
+"""The training loop and eval-only runs.
+
+The loop is flat: build the run, restore or initialise, then run chunks of `steps_per_call`
+steps per compiled call (a `lax.scan` over stacked batches) so the host never bounds a small
+model. Metrics are read one call late, so the host never stalls the device.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from scaling.errors import Preempted, TrainingDiverged, UserError
+from scaling.runtime import checkpoint, chips, profiling, startup_gc
+from scaling.runtime.metrics import MetricsWriter, Progress, throughput
+from scaling.runtime.preemption import PreemptionWatch
+from scaling.runtime.workdir import write_config
+from scaling.training.run import Run, evaluate, put_eval_splits, put_train_chunk, setup
+from scaling.training.state_summary import state_table
+from scaling.training.steps import TrainState
+
+
+def every(value: int, default: int) -> int:
+    return default if value <= 0 else value
+
+
+def call_length(step: int, stop: int, steps_per_call: int) -> int:
+    """Steps in the next compiled call, never crossing `stop`.
+
+    Short calls are powers of two, so at most log2(steps_per_call) + 1 shapes ever compile.
+    """
+    remaining = stop - step
+    if remaining >= steps_per_call:
+        return steps_per_call
+    return 1 << (remaining.bit_length() - 1)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, experiment=None,
+                       devices=None, profile_steps: profiling.StepWindow | None = None
+                       ) -> dict[str, dict[str, float]]:
+    """Train from the latest checkpoint in `workdir` (or from scratch) and evaluate."""
+    run, dataset = setup(config, experiment, devices)
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    trace = profiling.StepTrace(profile_steps, workdir, run.total_steps)
+    manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
+    state, resumed = checkpoint.restore_or_init(manager, run.abstract_state, run.init)
+    if jax.process_index() == 0:  # only once the checkpoint is known to fit this config
+        write_config(config, workdir)
+    step = int(jax.device_get(state.step))
+    writer = MetricsWriter(workdir, resume_step=step)
+    progress = Progress(run.total_steps)
+    progress.message(state_table(run.abstract_state, run.mesh))
+    progress.message(
+        f"data: {dataset.source} ({dataset.num_train} train examples); "
+        f"{run.total_steps} steps of batch {config.batch_size}"
+        + (f"; resumed at step {step}" if resumed else ""))
+    logger = _StepLogger(writer, progress, run, config)
+    trace.resume(step, progress.message)
+    eval_splits = put_eval_splits(run, dataset)
+
+    watch = PreemptionWatch()
+    try:
+        state, step = _train_loop(run, dataset, state, step, manager, logger, writer, progress,
+                                  eval_splits, watch, trace)
+        results = evaluate(run, state.params, eval_splits)
+        _write_eval(writer, progress, step, results)
+        checkpoint.save(manager, state)
+    finally:
+        trace.close()
+        checkpoint.wait(manager)  # a save in flight still commits, even on an error
+        manager.close()
+        writer.close()
+        watch.close()
+    for split, values in results.items():
+        progress.message(f"final {split} {format_metrics(values)}")
+    return results
+
+
+def _train_loop(run: Run, dataset, state, step: int, manager, logger, writer, progress,
+                eval_splits, watch: PreemptionWatch,
+                trace: profiling.StepTrace) -> tuple[TrainState, int]:
+    config = run.config
+    eval_every = every(config.eval_every_steps, run.steps_per_epoch)
+    checkpoint_every = every(config.checkpoint_every_steps, run.steps_per_epoch)
+    pending = None
+    while step < run.total_steps:
+        stop = min(run.total_steps, _next_multiple(step, eval_every),
+                   _next_multiple(step, checkpoint_every))
+        num_steps = call_length(step, stop, config.steps_per_call)
+        chunk = put_train_chunk(run, dataset.train, step, num_steps)
+        trace.before_call(step, num_steps)
+        state, metrics = run.train_steps(state, chunk)
+        trace.after_call(step + num_steps, (state, metrics))
+        if pending is not None:
+            logger.log(*pending)  # the previous call's metrics, while this call runs
+            startup_gc.resume()  # start-up ends with the first step reported
+        pending = (step, metrics)
+        step += num_steps
+        if step % eval_every == 0 or step % checkpoint_every == 0 or step == run.total_steps:
+            logger.log(*pending)  # checked before anything is saved
+            startup_gc.resume()
+            pending = None
+            if step % checkpoint_every == 0 or step == run.total_steps:
+                checkpoint.save(manager, state)
+            if step % eval_every == 0 and step != run.total_steps:
+                _write_eval(writer, progress, step, evaluate(run, state.params, eval_splits))
+            logger.pause()
+        if watch.should_stop():
+            if pending is not None:
+                logger.log(*pending)
+            checkpoint.save(manager, state, force=True)
+            checkpoint.wait(manager)
+            progress.message(f"preempted: saved step {step}; re-run the same command to resume")
+            raise Preempted(step)
+    return state, step
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: Path, experiment=None,
+                        devices=None) -> dict[str, dict[str, float]]:
+    """`--mode=eval`: the latest checkpoint, evaluated on every eval split."""
+    manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
+    if manager.latest_step() is None:
+        raise UserError(f"--workdir={workdir}: no checkpoint to evaluate in "
+                        f"{Path(workdir) / 'checkpoints'}; train first with --mode=train")
+    run, dataset = setup(config, experiment, devices)
+    state = checkpoint.restore(manager, run.abstract_state)
+    step = int(jax.device_get(state.step))
+    writer = MetricsWriter(workdir, resume_step=2**62)
+    progress = Progress(run.total_steps)
+    results = evaluate(run, state.params, put_eval_splits(run, dataset))
+    _write_eval(writer, progress, step, results)
+    writer.close()
+    manager.close()
+    return results
+
+
+def _next_multiple(step: int, period: int) -> int:
+    return (step // period + 1) * period
+
+
+def format_metrics(values: dict) -> str:
+    """`loss 0.3262 accuracy 0.8851 (10000 examples)`, whatever the task reports."""
+    counts = {k: v for k, v in values.items() if k.startswith("num_")}
+    text = " ".join(f"{k} {v:.4f}" for k, v in values.items() if k not in counts)
+    return text + "".join(f" ({v} {k[4:]})" for k, v in counts.items())
+
+
+def _write_eval(writer: MetricsWriter, progress: Progress, step: int, results: dict) -> None:
+    for split, values in results.items():
+        writer.write(step, split, **values)
+        progress.message(f"step {step}: {split} {format_metrics(values)}")
+
+
+class _StepLogger:
+    """Turns per-step metric arrays into windowed log records and the progress line."""
+
+    def __init__(self, writer: MetricsWriter, progress: Progress, run: Run, config):
+        self.writer, self.progress, self.run = writer, progress, run
+        self.every = config.log_every_steps
+        self.batch_size = config.batch_size
+        chip = chips.chip_for(run.mesh.devices.flat[0].device_kind)
+        self.peak_flops = chip.peak_flops if chip else None
+        self.window: list[dict[str, float]] = []
+        self.window_seconds = 0.0
+        self.last_time = time.perf_counter()
+
+    def log(self, first_step: int, metrics) -> None:
+        metrics = jax.device_get(metrics)  # waits for the call that produced them
+        num_steps = len(metrics["loss"])
+        now = time.perf_counter()
+        seconds_per_step = (now - self.last_time) / num_steps
+        self.last_time = now
+        for i in range(num_steps):
+            values = {k: float(v[i]) for k, v in metrics.items()}
+            if not (np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"])) and \
+                    "skipped" not in values:
+                raise TrainingDiverged(
+                    f"step {first_step + i + 1}: the loss ({values['loss']}) or gradient norm "
+                    f"({values['grad_norm']}) is not finite; stopped without saving it. The "
+                    "latest checkpoint holds the last good state; lower the learning rate, "
+                    "clip gradients, or set --config.nan_policy=skip to skip such steps")
+            self.window.append(values)
+            self.window_seconds += seconds_per_step
+            step = first_step + i + 1
+            if step % self.every == 0 or step == self.run.total_steps:
+                self._flush(step)
+
+    def pause(self) -> None:
+        """Time spent on evaluation or checkpoints does not count as training time."""
+        self.last_time = time.perf_counter()
+
+    def _flush(self, step: int) -> None:
+        rate = len(self.window) * self.batch_size / max(self.window_seconds, 1e-9)
+        # Steps skipped by the NaN policy are counted, not averaged in.
+        finite = [m for m in self.window if np.isfinite(m["loss"])] or self.window
+        means = {k: float(np.mean([m[k] for m in finite])) for k in self.window[0]}
+        if "skipped" in self.window[0]:
+            means["skipped"] = float(sum(m["skipped"] for m in self.window))
+        eta = (self.run.total_steps - step) * self.batch_size / rate
+        rates = throughput(rate, self.run.items_per_example, self.run.flops_per_example,
+                           self.run.mesh.size, self.peak_flops)
+        self.progress.update(step, means["loss"], rates, eta)  # the console first
+        self.writer.write(step, "train", **means, **rates,
+                          learning_rate=float(self.run.schedule(step - 1)))
+        self.window = []
+        self.window_seconds = 0.0

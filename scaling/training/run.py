@@ -1,0 +1,213 @@
+"""One config on one mesh: shardings, the abstract state, jit wrappers, and data placement.
+
+`build_run` compiles nothing: it derives the logical shardings from `jax.eval_shape` of the
+init, so a state is initialised straight into its shardings and describe and preflight can
+size any mesh from shapes alone. Every mode that trains or evaluates goes through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from scaling.data import dataset as dataset_lib
+from scaling.data import element_spec, load_dataset
+from scaling.errors import UserError
+from scaling.models import make_model, training_flops_per_example
+from scaling.training import compiler_options
+from scaling.training import mesh as mesh_lib
+from scaling.training.optimizer import make_optimizer
+from scaling.training.state_summary import state_table
+from scaling.training.steps import TrainState, eval_step, objective, train_step
+from scaling.training.tasks import Task, get_task, sum_metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Everything compiled for one config on one mesh; built once, used by every mode."""
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    model: nn.Module
+    task: Task
+    total_steps: int
+    steps_per_epoch: int
+    schedule: optax.Schedule
+    state_shardings: Any
+    abstract_state: Any
+    init: Callable[[], TrainState]
+    flops_per_example: float   # analytic training FLOPs, for TFLOP/s and MFU
+    items_per_example: int     # tokens (or images) per example, for throughput
+    train_steps: Callable      # (state, chunk of k batches) -> (state, per-step metrics)
+    evaluate_chunk: Callable   # (params, padded eval chunk) -> summed metrics
+
+
+def check_batch_divisible(config: ml_collections.ConfigDict, mesh, rules) -> None:
+    dp = mesh_lib.data_parallel_size(mesh, rules)
+    axes = "×".join(f"{a}={mesh.shape[a]}" for a in mesh_lib.batch_axes(rules)) or "none"
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] % dp:
+            raise UserError(
+                f"--config.{key}={config[key]}: must be divisible by the data-parallel size "
+                f"{dp} (batch sharded over {axes}); pick a multiple of {dp} or change the mesh")
+    accum = config.grad_accum_steps
+    if accum < 1 or config.batch_size % (accum * dp):
+        raise UserError(
+            f"--config.grad_accum_steps={accum}: must be positive and split "
+            f"--config.batch_size={config.batch_size} into microbatches divisible by the "
+            f"data-parallel size {dp}")
+
+
+NAN_POLICIES = ("abort", "skip")
+
+
+def nan_policy(config: ml_collections.ConfigDict) -> str:
+    policy = config.get("nan_policy", "abort")
+    if policy not in NAN_POLICIES:
+        raise UserError(f"--config.nan_policy={policy}: expected one of "
+                        f"{', '.join(NAN_POLICIES)}")
+    return policy
+
+
+def total_steps_for(config: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:
+    per_epoch = dataset_lib.steps_per_epoch(num_examples, config.batch_size)
+    total = config.num_steps if config.num_steps > 0 else config.num_epochs * per_epoch
+    return total, per_epoch
+
+
+def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, element_spec: dict,
+              num_train: int, experiment=None) -> Run:
+    """Compile nothing yet: jit wrappers, shardings and the abstract state, from shapes only."""
+    rules = mesh_lib.rules_from_config(config)
+    model = make_model(config, experiment)
+    total, per_epoch = total_steps_for(config, num_train)
+    tx, schedule = make_optimizer(config.optimizer, total)
+    task = get_task(config.task)
+    sample = {k: np.zeros((1,) + v.shape, v.dtype) for k, v in element_spec.items()}
+
+    def init_boxed():
+        # The key is made inside the compiled init: made eagerly, it costs two more programs.
+        params_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+        params = model.init(params_rng, task.preprocess(sample), train=False)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), rng=state_rng)
+
+    boxed = jax.eval_shape(init_boxed)
+    state_shardings = mesh_lib.logical_shardings(boxed, mesh, rules)
+    init = mesh_lib.with_mesh_rules(
+        jax.jit(lambda: nn.meta.unbox(init_boxed()), out_shardings=state_shardings),
+        mesh, rules)
+    abstract_state = jax.tree_util.tree_map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        nn.meta.unbox(boxed), state_shardings)
+
+    loss_fn = functools.partial(objective, model=model, task=task, l2=config.l2)
+    chunk_sharding = mesh_lib.batch_sharding(mesh, rules, leading_dims=1)
+    step_fn = functools.partial(train_step, loss_fn=loss_fn, tx=tx,
+                                num_microbatches=config.grad_accum_steps,
+                                microbatch_sharding=chunk_sharding,
+                                skip_nonfinite=nan_policy(config) == "skip")
+
+    def train_steps(state, chunk):
+        return jax.lax.scan(step_fn, state, chunk)
+
+    def evaluate_chunk(params, chunk):
+        sums = jax.lax.scan(
+            lambda carry, b: (carry, eval_step(params, b, model=model, task=task)),
+            None, chunk)[1]
+        return sum_metrics(sums)
+
+    replicated = mesh_lib.replicated(mesh)
+    platform = mesh_lib.platform(mesh)
+    xla_options = compiler_options.for_platform(config, platform)
+    compiler_options.check(xla_options, platform)
+    return Run(
+        config=config, mesh=mesh, rules=rules, model=model, task=task, total_steps=total,
+        steps_per_epoch=per_epoch, schedule=schedule, state_shardings=state_shardings,
+        abstract_state=abstract_state, init=init,
+        flops_per_example=training_flops_per_example(model, abstract_state.params,
+                                                     element_spec),
+        items_per_example=task.items_per_example(element_spec),
+        train_steps=mesh_lib.with_mesh_rules(
+            jax.jit(train_steps, in_shardings=(state_shardings, chunk_sharding),
+                    out_shardings=(state_shardings, replicated), donate_argnums=0,
+                    compiler_options=xla_options or None),
+            mesh, rules),
+        evaluate_chunk=mesh_lib.with_mesh_rules(
+            jax.jit(evaluate_chunk, in_shardings=(state_shardings.params, chunk_sharding),
+                    out_shardings=replicated, compiler_options=xla_options or None),
+            mesh, rules))
+
+
+def put_chunk(run: Run, chunk: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Host arrays of shape (k, batch, ...) to global arrays sharded along the batch."""
+    sharding = mesh_lib.batch_sharding(run.mesh, run.rules, leading_dims=1)
+    return {k: jax.make_array_from_callback(v.shape, sharding, v.__getitem__)
+            for k, v in chunk.items()}
+
+
+def put_train_chunk(run: Run, data: dict[str, np.ndarray], start_step: int,
+                    num_steps: int) -> dict[str, jax.Array]:
+    """The global batches of `num_steps` steps, each process gathering only the rows that its
+    own devices hold, so no host ever builds a whole global batch."""
+    config = run.config
+    num_examples = len(next(iter(data.values())))
+    indices = dataset_lib.train_chunk_indices(config.seed, start_step, num_steps,
+                                              config.batch_size, num_examples)
+    sharding = mesh_lib.batch_sharding(run.mesh, run.rules, leading_dims=1)
+    return {k: jax.make_array_from_callback(indices.shape + v.shape[1:], sharding,
+                                            lambda index, v=v: v[indices[index[:2]]])
+            for k, v in data.items()}
+
+
+def put_eval_splits(run: Run, dataset: dataset_lib.ArrayDataset) -> dict[str, dict]:
+    """Every eval split, padded and placed on the devices once for the whole run."""
+    return {split: put_chunk(run, dataset_lib.eval_chunk(data, run.config.eval_batch_size))
+            for split, data in dataset.eval_splits.items()}
+
+
+def evaluate(run: Run, params, eval_splits: dict[str, dict]) -> dict[str, dict[str, float]]:
+    return {split: run.task.summarize(jax.device_get(run.evaluate_chunk(params, chunk)))
+            for split, chunk in eval_splits.items()}
+
+
+def build_run_from_shapes(config: ml_collections.ConfigDict, mesh, experiment=None) -> Run:
+    """The Run of `setup` without loading any data: the example's shape comes from the config,
+    so describe and preflight can size a step for hardware this machine does not have."""
+    check_batch_divisible(config, mesh, mesh_lib.rules_from_config(config))
+    return build_run(config, mesh, element_spec(config), num_train=config.batch_size,
+                     experiment=experiment)
+
+
+def describe(config: ml_collections.ConfigDict, num_devices: int, experiment=None) -> str:
+    """`--mode=describe`: the state table for a mesh of any size, built from shapes alone."""
+    mesh = mesh_lib.make_abstract_mesh(config.mesh, num_devices)
+    run = build_run_from_shapes(config, mesh, experiment)
+    per_step = run.flops_per_example * config.batch_size
+    return (state_table(run.abstract_state, mesh) + "\n"
+            f"training FLOPs per step {per_step:.3e} ({per_step / num_devices:.3e} a device)")
+
+
+def setup(config: ml_collections.ConfigDict, experiment=None, devices=None):
+    """Mesh, batch checks, data and compiled steps: everything a mode needs before it runs.
+
+    `devices` defaults to all devices; passing a subset lets one process compare meshes.
+    """
+    mesh = mesh_lib.make_mesh(config.mesh, devices)
+    check_batch_divisible(config, mesh, mesh_lib.rules_from_config(config))
+    dataset = load_dataset(config)
+    vocab = config.model.get("vocab_size")
+    if dataset.tokenizer is not None and vocab is not None and vocab < dataset.tokenizer.vocab_size:
+        raise UserError(f"--config.model.vocab_size={vocab}: the tokenizer has "
+                        f"{dataset.tokenizer.vocab_size} tokens; raise it to at least that")
+    spec = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in dataset.train.items()}
+    return build_run(config, mesh, spec, dataset.num_train, experiment), dataset
