@@ -49,7 +49,7 @@ import scaling.config.experiments
 import scaling.runtime.metrics
 import scaling.training.compiler_options
 import scaling.training.loop
-from scaling.data.images import read_idx
+from scaling.data.idx import read_idx
 from scaling.runtime import platforms
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")

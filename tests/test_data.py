@@ -6,14 +6,14 @@ import pytest
 from conftest import FASHION_MNIST_DIR, write_idx
 
 from scaling.data import dataset as dataset_lib
-from scaling.data import images
+from scaling.data import idx, idx_read_ahead, images
 from scaling.errors import UserError
 
 
 def test_idx_round_trip(tmp_path):
     array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     write_idx(tmp_path / "a.gz", array)
-    np.testing.assert_array_equal(images.read_idx(tmp_path / "a.gz"), array)
+    np.testing.assert_array_equal(idx.read_idx(tmp_path / "a.gz"), array)
 
 
 def test_truncated_idx_is_a_user_error(tmp_path):
@@ -23,7 +23,7 @@ def test_truncated_idx_is_a_user_error(tmp_path):
     with gzip.open(tmp_path / "b.gz", "wb") as f:
         f.write(data)
     with pytest.raises(UserError, match="truncated or corrupt"):
-        images.read_idx(tmp_path / "b.gz")
+        idx.read_idx(tmp_path / "b.gz")
 
 
 def test_gzip_of_several_members_reads_whole_and_a_bad_checksum_is_refused(tmp_path):
@@ -33,12 +33,12 @@ def test_gzip_of_several_members_reads_whole_and_a_bad_checksum_is_refused(tmp_p
     raw = gzip.decompress((tmp_path / "a.gz").read_bytes())
     # Concatenated gzip files are one valid file of two members.
     (tmp_path / "two.gz").write_bytes(gzip.compress(raw[:20]) + gzip.compress(raw[20:]))
-    np.testing.assert_array_equal(images.read_idx(tmp_path / "two.gz"), array)
+    np.testing.assert_array_equal(idx.read_idx(tmp_path / "two.gz"), array)
     corrupt = bytearray(gzip.compress(raw))
     corrupt[-8] ^= 0xFF  # the CRC-32 in the gzip trailer
     (tmp_path / "bad.gz").write_bytes(bytes(corrupt))
     with pytest.raises(UserError, match="bad.gz: cannot read IDX file"):
-        images.read_idx(tmp_path / "bad.gz")
+        idx.read_idx(tmp_path / "bad.gz")
 
 
 def test_manual_dir_loads_all_splits(tiny_idx_dir):
@@ -67,7 +67,7 @@ def test_debian_fashion_mnist_is_found(fashion_mnist_available):
 
 
 def test_missing_data_lists_every_option(monkeypatch, tmp_path):
-    monkeypatch.setattr(images, "WELL_KNOWN_DIRS", {})
+    monkeypatch.setattr(idx, "WELL_KNOWN_DIRS", {})
     monkeypatch.setattr(images, "network_reachable", lambda *a, **k: False)
     config = ml_collections.ConfigDict(
         {"name": "mnist", "manual_dir": "", "tfds_data_dir": str(tmp_path)})
@@ -115,10 +115,10 @@ def test_read_ahead_gives_the_same_arrays_and_is_claimed_once(tiny_idx_dir):
     config = ml_collections.ConfigDict({"name": "mnist", "manual_dir": str(tiny_idx_dir),
                                         "tfds_data_dir": ""})
     direct = images.load_image_dataset(config)
-    images.read_ahead(config)
-    assert len(images._read_ahead) == 4
+    idx_read_ahead.read_ahead(config)
+    assert len(idx_read_ahead._read_ahead) == 4
     ahead = images.load_image_dataset(config)
-    assert not images._read_ahead  # every file claimed; a later load reads from disk again
+    assert not idx_read_ahead._read_ahead  # every file claimed; a later load reads from disk again
     for split in ("train", "test"):
         want = direct.train if split == "train" else direct.eval_splits["test"]
         got = ahead.train if split == "train" else ahead.eval_splits["test"]
@@ -127,11 +127,11 @@ def test_read_ahead_gives_the_same_arrays_and_is_claimed_once(tiny_idx_dir):
 
 
 def test_read_ahead_errors_surface_where_the_file_is_read(tmp_path):
-    for name in images.ALL_IDX_FILES:
+    for name in idx.ALL_IDX_FILES:
         (tmp_path / name).write_bytes(b"not gzip")
     config = ml_collections.ConfigDict({"name": "mnist", "manual_dir": str(tmp_path),
                                         "tfds_data_dir": ""})
-    images.read_ahead(config)
+    idx_read_ahead.read_ahead(config)
     with pytest.raises(UserError, match="cannot read IDX file"):
         images.load_image_dataset(config)
-    images._read_ahead.clear()  # the files the failed load never reached
+    idx_read_ahead._read_ahead.clear()  # the files the failed load never reached

@@ -40,7 +40,7 @@ ARGS = ["batch_size=64", "eval_batch_size=100", "num_steps=16", "log_every_steps
 def poisoned(tmp_path, tiny_idx_dir):
     data_dir = tmp_path / "data"
     shutil.copytree(tiny_idx_dir, data_dir)
-    from scaling.data.images import read_idx
+    from scaling.data.idx import read_idx
 
     images = read_idx(data_dir / "train-images-idx3-ubyte.gz").copy()
     images[POISONED_EXAMPLE] = 255

@@ -21,7 +21,7 @@ from conftest import REPO
 
 from scaling import serving
 from scaling.config import experiments as config_lib
-from scaling.data.images import read_idx
+from scaling.data.idx import read_idx
 from scaling.inference import export
 from scaling.serving.server import Batcher
 from scaling.training import loop

@@ -39,9 +39,9 @@ def read_ahead(config: ml_collections.ConfigDict) -> None:
     started before the framework's imports it costs a run's start-up nothing.
     """
     if config.data.name in IMAGE_DATASETS:
-        from scaling.data import images
+        from scaling.data import idx_read_ahead
 
-        images.read_ahead(config.data)
+        idx_read_ahead.read_ahead(config.data)
 
 
 def element_spec(config: ml_collections.ConfigDict) -> dict:

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from scaling.data.dataset import ArrayDataset
-from scaling.data.images import (
+from scaling.data.tfds_source import (
     DOWNLOAD_HOSTS,
     network_reachable,
     tensorflow_available,
@@ -24,7 +24,6 @@ from scaling.data.images import (
 from scaling.data.tokenizer import make_tokenizer
 from scaling.errors import UserError
 
-CORPORA = ("tiny_shakespeare",)
 MANUAL_FILE = "input.txt"
 
 
