@@ -21,16 +21,12 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     seq_len = 4096
     return ml_collections.ConfigDict({
-        "seed": 0,
         "task": "language_modeling",
         "data": {
             "name": "tiny_shakespeare",   # the text corpus; see scaling/data/text.py
-            "manual_dir": "",
-            "tfds_data_dir": "",          # e.g. gs://your-bucket/tensorflow_datasets
             "tokenizer": "sentencepiece",
             "tokenizer_model": "",        # a SentencePiece .model with <= vocab_size pieces
             "seq_len": seq_len,
-            "eval_splits": ("validation",),
         },
         "model": {
             "name": "transformer",
@@ -54,40 +50,16 @@ def get_config() -> ml_collections.ConfigDict:
             "schedule": "warmup_cosine",
             "warmup_steps": 2000,
             "final_lr_fraction": 0.1,
-            "b1": 0.9,
             "b2": 0.95,
-            "eps": 1e-8,
             "weight_decay": 0.1,
-            "momentum": 0.9,
-            "nesterov": False,
             "clip_norm": 1.0,
         },
-        "nan_policy": "abort",  # a non-finite loss or gradient: abort | skip the update
-        "l2": 0.0,
         "batch_size": 512,
         "grad_accum_steps": 4,        # the whole batch at once needs 109 GiB a chip
         "eval_batch_size": 512,
-        "num_epochs": 1,
         "num_steps": 200_000,
-        "steps_per_call": 1,
         "log_every_steps": 10,
         "eval_every_steps": 5000,
-        "checkpoint_every_steps": 1000,
-        "keep_checkpoints": 3,
-        "mesh": {
-            "data": 1, "fsdp": -1, "tensor": 4,
-            # Across TPU slices (multi-slice over DCN); each axis is ICI size x DCN size.
-            "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1,
-        },
-        "sharding_rules": (
-            ("batch", ("data", "fsdp")),
-            ("seq", None),
-            ("embed", "fsdp"),
-            ("heads", "tensor"),
-            ("kv", None),
-            ("mlp", "tensor"),
-            ("vocab", "tensor"),
-            ("layers", None),
-        ),
-        "sample": {"max_new_tokens": 200, "temperature": 0.8, "top_k": 40},
+        "mesh": {"data": 1, "fsdp": -1, "tensor": 4},
+        "sample": {"temperature": 0.8, "top_k": 40},
     })

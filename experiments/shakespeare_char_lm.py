@@ -22,17 +22,8 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     seq_len = 128
     return ml_collections.ConfigDict({
-        "seed": 0,
         "task": "language_modeling",
-        "data": {
-            "name": "tiny_shakespeare",
-            "manual_dir": "",        # a folder holding input.txt
-            "tfds_data_dir": "",
-            "tokenizer": "char",     # char | byte | sentencepiece
-            "tokenizer_model": "",   # a SentencePiece .model file
-            "seq_len": seq_len,
-            "eval_splits": ("validation",),
-        },
+        "data": {"name": "tiny_shakespeare", "tokenizer": "char", "seq_len": seq_len},
         "model": {
             "name": "transformer",
             "vocab_size": 128,       # covers the 65 characters; a multiple of 8 for sharding
@@ -43,11 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
             "head_dim": 32,
             "mlp_dim": 384,
             "max_seq_len": seq_len,
-            "rope_theta": 10_000.0,
             "tie_embeddings": True,
-            "dtype": "float32",       # compute dtype; bfloat16 on accelerators
-            "param_dtype": "float32",
-            "remat_policy": "none",   # none | full | dots | dots_with_no_batch_dims
             "scan_unroll": 4,         # all layers: no loop, 1.3x faster on a CPU
             "attention": "batched_matmul",  # 1.2x faster on a CPU; accelerators: grouped_einsum
         },
@@ -57,40 +44,17 @@ def get_config() -> ml_collections.ConfigDict:
             "schedule": "warmup_cosine",
             "warmup_steps": 100,
             "final_lr_fraction": 0.1,
-            "b1": 0.9,
             "b2": 0.99,
-            "eps": 1e-8,
             "weight_decay": 0.1,
-            "momentum": 0.9,
-            "nesterov": False,
             "clip_norm": 1.0,
         },
-        "nan_policy": "abort",  # a non-finite loss or gradient: abort | skip the update
-        "l2": 0.0,
         "batch_size": 32,
-        "grad_accum_steps": 1,
         "eval_batch_size": 64,
-        "num_epochs": 1,
         "num_steps": 1000,
         "steps_per_call": 10,
         "log_every_steps": 50,
         "eval_every_steps": 250,
         "checkpoint_every_steps": 250,
         "keep_checkpoints": 2,
-        "mesh": {
-            "data": -1, "fsdp": 1, "tensor": 1,
-            # Across TPU slices (multi-slice over DCN); each axis is ICI size x DCN size.
-            "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1,
-        },
-        "sharding_rules": (
-            ("batch", ("data", "fsdp")),
-            ("seq", None),
-            ("embed", "fsdp"),
-            ("heads", "tensor"),
-            ("kv", None),
-            ("mlp", "tensor"),
-            ("vocab", "tensor"),
-            ("layers", None),
-        ),
         "sample": {"max_new_tokens": 500, "temperature": 0.8, "top_k": 40},
     })

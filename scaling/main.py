@@ -154,11 +154,13 @@ def describe(config, experiment) -> None:
     """`--mode=describe`: every config field with its value and help, then the state table."""
     import jax
 
+    from scaling.config import schema
     from scaling.training import run as run_lib
 
     num_devices = FLAGS.num_devices or jax.device_count()
     if num_devices < 1:
         raise UserError(f"--num_devices={num_devices}: must be positive")
+    print(schema.describe(config, config_lib.has_model_hook(experiment)) + "\n", flush=True)
     print(run_lib.describe(config, num_devices, experiment))
 
 
@@ -223,7 +225,7 @@ def record_start(config, workdir: Path, experiment) -> None:
 def sample_text_from_flags(config, workdir: Path, experiment) -> str:
     from scaling.inference import sample
 
-    defaults = config.get("sample") or {}
+    defaults = config.sample if config.task == "language_modeling" else {}  # schema: LMs only
 
     def pick(flag_value, key, fallback):
         return flag_value if flag_value is not None else defaults.get(key, fallback)

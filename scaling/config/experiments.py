@@ -1,9 +1,10 @@
 """Experiment files, command-line overrides and config validation.
 
 An experiment is a plain Python file with a docstring and `get_config()`, found by name in
-`experiments/` or by path anywhere. Overrides arrive as `--config.a.b=value` strings and are
-parsed against the type of the field they replace, so a typo or a wrong type fails before any
-heavy work starts.
+`experiments/` or by path anywhere. Its config is laid over the defaults of
+`scaling.config.schema`, which also says which keys exist and what values they take.
+Overrides arrive as `--config.a.b=value` strings and are parsed against the type of the
+field they replace, so a typo or a wrong type fails before any heavy work starts.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import ml_collections
 
+from scaling.config import schema
 from scaling.errors import UserError
 
 EXPERIMENTS_ENV = "SCALING_EXPERIMENTS_DIR"
@@ -196,19 +198,34 @@ def require(condition: bool, message: str) -> None:
 
 def load_config(experiment: str, overrides: Iterable[str]) -> tuple[ml_collections.ConfigDict,
                                                                    types.ModuleType]:
-    """Experiment name or path plus overrides to a locked, validated config and its module."""
+    """Experiment name or path plus overrides to a locked, validated config and its module.
+
+    Schema defaults first, then the experiment's literal config (keys the schema does not
+    know are refused, naming the file), then the overrides, then validation.
+    """
     path = resolve_experiment(experiment)
     module = load_experiment(path)
-    config = module.get_config()
-    if not isinstance(config, ml_collections.ConfigDict):
+    given = module.get_config()
+    if not isinstance(given, ml_collections.ConfigDict):
         raise UserError(f"--experiment={path}: get_config() must return an "
                         "ml_collections.ConfigDict")
-    with config.unlocked():
-        config.experiment = path.stem
+    has_hook = has_model_hook(module)
+    given = given.to_dict()
+    given.pop("experiment", None)  # the loader names it, from the file
+    resolved = schema.resolve(given, f"--experiment={path}", has_hook)
+    resolved["experiment"] = path.stem
+    config = ml_collections.ConfigDict(resolved)
+    selected = schema.selectors(resolved)
     apply_overrides(config, overrides)
+    schema.check(config, selected, has_hook)
     validate(config)
     config.lock()
     return config, module
+
+
+def has_model_hook(module: types.ModuleType | None) -> bool:
+    """Whether the experiment builds its own model, and so may carry its own model fields."""
+    return callable(getattr(module, "make_model", None))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

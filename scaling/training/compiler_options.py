@@ -33,7 +33,7 @@ Options = dict[str, str | bool | int | float]
 
 def for_platform(config: ml_collections.ConfigDict, platform: str | None) -> Options:
     """The experiment's options for `platform`; none for an unknown platform or experiment."""
-    by_platform = config.get("xla_options") or {}
+    by_platform = config.xla_options
     if platform is None or platform not in by_platform:
         return {}
     options = by_platform[platform]
