@@ -47,6 +47,7 @@ import numpy as np
 from machine_load import cpu_seconds, print_load
 
 import scaling.config.experiments
+import scaling.data
 import scaling.inference.export
 import scaling.inference.predict
 import scaling.serving
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         predictor, reports = prepare(workdir)
-        images = predictor.dataset.eval_splits["test"]["image"]
+        images = scaling.data.load_dataset(predictor.config).eval_splits["test"]["image"]
         print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); "
               f"{len(images)} test images, batches of {BATCH_SIZE}; median of {args.repeats} "
               "passes", flush=True)

@@ -13,7 +13,8 @@ from PIL import Image
 
 from scaling import serving
 from scaling.config import experiments as config_lib
-from scaling.data.images import LABEL_NAMES, read_idx
+from scaling.data.idx import read_idx
+from scaling.data.images import LABEL_NAMES
 from scaling.errors import UserError
 from scaling.inference import export, predict
 

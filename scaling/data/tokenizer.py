@@ -1,11 +1,16 @@
 """Tokenizers that work offline: characters or bytes by default, SentencePiece when given.
 
-A character vocabulary is the sorted set of characters in the whole corpus, so training,
-evaluation and sampling rebuild exactly the same ids from the same text.
+A character vocabulary is the sorted set of characters in the whole corpus, so training and
+evaluation rebuild exactly the same ids from the same text. Training also saves the tokenizer
+in its workdir (`save_tokenizer`), so sampling needs the checkpoint and that copy, never the
+corpus: a run can be sampled after its training text is gone.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 from typing import Protocol
 
@@ -53,6 +58,7 @@ class ByteTokenizer:
 
 class SentencePieceTokenizer:
     def __init__(self, model_file: str):
+        self.model_file = str(model_file)
         try:
             import sentencepiece
         except ImportError:
@@ -78,3 +84,60 @@ def make_tokenizer(name: str, corpus: str, model_file: str = "") -> Tokenizer:
     if name == "sentencepiece":
         return SentencePieceTokenizer(model_file)
     raise UserError(f"--config.data.tokenizer={name}: expected one of {', '.join(TOKENIZERS)}")
+
+
+TOKENIZER_DIR = "tokenizer"  # in the workdir
+# The saved copy: one JSON file naming the kind; a SentencePiece model file beside it.
+SAVED_FILE = "tokenizer.json"
+SAVED_MODEL_FILE = "tokenizer.model"
+
+
+def save_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
+    """Write `tokenizer` into `directory` so `load_tokenizer` rebuilds it without the corpus.
+
+    The JSON file is written last and renamed into place, so a reader finds either the
+    previous copy or the whole new one, never a description whose model file is missing.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if isinstance(tokenizer, CharTokenizer):
+        saved = {"kind": "char", "chars": tokenizer.chars}
+    elif isinstance(tokenizer, ByteTokenizer):
+        saved = {"kind": "byte"}
+    elif isinstance(tokenizer, SentencePieceTokenizer):
+        partial_model = directory / f".{SAVED_MODEL_FILE}.tmp-{os.getpid()}"
+        shutil.copyfile(tokenizer.model_file, partial_model)
+        partial_model.replace(directory / SAVED_MODEL_FILE)
+        saved = {"kind": "sentencepiece", "model_file": SAVED_MODEL_FILE}
+    else:
+        raise TypeError(f"cannot save a tokenizer of type {type(tokenizer).__name__}")
+    saved["vocab_size"] = int(tokenizer.vocab_size)
+    partial = directory / f".{SAVED_FILE}.tmp-{os.getpid()}"
+    partial.write_text(json.dumps(saved, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    partial.replace(directory / SAVED_FILE)
+
+
+def load_tokenizer(directory: Path) -> Tokenizer | None:
+    """The tokenizer saved in `directory`, or None when nothing was saved there."""
+    path = Path(directory) / SAVED_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        kind = saved["kind"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: cannot read the saved tokenizer ({e}); delete it to rebuild "
+                        "the tokenizer from the corpus") from None
+    if kind == "char":
+        tokenizer = CharTokenizer(saved["chars"])
+    elif kind == "byte":
+        tokenizer = ByteTokenizer()
+    elif kind == "sentencepiece":
+        tokenizer = SentencePieceTokenizer(str(Path(directory) / saved["model_file"]))
+    else:
+        raise UserError(f"{path}: unknown tokenizer kind {kind!r}; expected one of "
+                        f"{', '.join(TOKENIZERS)}")
+    if tokenizer.vocab_size != saved.get("vocab_size", tokenizer.vocab_size):
+        raise UserError(f"{path}: records {saved['vocab_size']} tokens but rebuilds "
+                        f"{tokenizer.vocab_size}; the saved copy is damaged")
+    return tokenizer

@@ -5,8 +5,15 @@ once with a symbolic batch dimension and lowered to StableHLO for CPU, CUDA and 
 directory layout is described in `scaling.serving.artifact`, whose loader reads it. Optionally the
 weight matrices are stored as int8 with one float scale per output unit (weight-only,
 symmetric), dequantized inside the function; activations stay in float. Every export is
-loaded back through that loader and compared with the checkpoint on the eval splits before it
-replaces anything, so the reported accuracy is the artifact's own.
+loaded back through that loader and compared with the checkpoint before it replaces anything,
+so the reported accuracy is the artifact's own.
+
+Export restores the params only (`scaling.inference.restore`) and never loads the dataset:
+the comparison runs on the held-out sample of each eval split that training saved in the
+workdir (`scaling.data.heldout`: up to 1000 examples, the whole split when smaller). The same
+sample every time makes exports of one run comparable, and the check still runs once the data
+has moved; a workdir trained before samples were saved exports with the check skipped, and
+says so.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ import ml_collections
 import numpy as np
 from jax import export as jax_export
 
-from scaling.data import element_spec
+from scaling import serving
+from scaling.data import element_spec, heldout
 from scaling.errors import UserError
 from scaling.inference.predict import (
     IMAGE_KEY,
@@ -31,7 +39,13 @@ from scaling.inference.predict import (
     prediction_outputs,
     require_classifier,
 )
-from scaling.serving import artifact
+from scaling.serving.artifact import (
+    FORMAT,
+    FUNCTION_FILE,
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    ServedModel,
+)
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 QUANTIZATIONS = ("int8",)
@@ -72,13 +86,13 @@ def dequantize(weights):
 
 def export_function(predictor: Predictor, weights) -> jax_export.Exported:
     """(weights, images) -> {"label", "probabilities"}, for any batch size."""
-    model, task = predictor.run.model, predictor.run.task
+    model, task = predictor.restored.model, predictor.restored.task
 
     def serve(weights, images):
         return prediction_outputs(dequantize(weights), {IMAGE_KEY: images}, model=model,
                                   task=task)
 
-    spec = element_spec(predictor.run.config)[IMAGE_KEY]
+    spec = element_spec(predictor.config)[IMAGE_KEY]
     (batch,) = jax_export.symbolic_shape("batch")
     images = jax.ShapeDtypeStruct((batch, *spec.shape), spec.dtype)
     weight_specs = jax.tree_util.tree_map(lambda w: jax.ShapeDtypeStruct(w.shape, w.dtype),
@@ -92,7 +106,7 @@ def check_destination(artifact: str | None, workdir: Path) -> Path:
     flag = f"--artifact={artifact}" if artifact else f"the default artifact directory {path}"
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag}: a file is in the way; choose a directory")
-    if path.is_dir() and any(path.iterdir()) and not (path / artifact.METADATA_FILE).is_file():
+    if path.is_dir() and any(path.iterdir()) and not (path / METADATA_FILE).is_file():
         raise UserError(f"{flag}: the directory holds files that are not an exported model; "
                         "choose an empty or new directory")
     try:
@@ -106,12 +120,12 @@ def check_destination(artifact: str | None, workdir: Path) -> Path:
 
 def metadata_for(predictor: Predictor, exported: jax_export.Exported, weights,
                  quantize: str | None) -> dict:
-    config = predictor.run.config
+    config = predictor.config
     spec = element_spec(config)[IMAGE_KEY]
     stored = jax.tree_util.tree_leaves(weights)
     float_bytes = sum(np.asarray(p).nbytes for p in jax.tree_util.tree_leaves(predictor.params))
     return {
-        "format": artifact.FORMAT,
+        "format": FORMAT,
         "experiment": config.experiment,
         "checkpoint_step": predictor.step,
         "task": config.task,
@@ -120,7 +134,7 @@ def metadata_for(predictor: Predictor, exported: jax_export.Exported, weights,
         "preprocessing": PREPROCESSING,
         "outputs": {"label": "int32 argmax class per example",
                     "probabilities": "float32 softmax over the classes per example"},
-        "label_names": list(predictor.dataset.label_names),
+        "label_names": list(predictor.label_names),
         "num_classes": int(exported.out_avals[-1].shape[-1]),
         "batch_size": int(config.eval_batch_size),
         "platforms": list(exported.platforms),
@@ -136,25 +150,29 @@ def metadata_for(predictor: Predictor, exported: jax_export.Exported, weights,
 
 def write_files(directory: Path, exported: jax_export.Exported, weights, metadata: dict) -> None:
     directory.mkdir()
-    (directory / artifact.FUNCTION_FILE).write_bytes(exported.serialize())
+    (directory / FUNCTION_FILE).write_bytes(exported.serialize())
     leaves = jax.tree_util.tree_leaves(weights)
-    np.savez(directory / artifact.WEIGHTS_FILE, **{f"{i:05d}": w for i, w in enumerate(leaves)})
+    np.savez(directory / WEIGHTS_FILE, **{f"{i:05d}": w for i, w in enumerate(leaves)})
     write_metadata(directory, metadata)
 
 
 def write_metadata(directory: Path, metadata: dict) -> None:
-    (directory / artifact.METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
 
 
-def compare_on_eval_splits(predictor: Predictor, model: artifact.ServedModel) -> dict:
-    """Accuracy of the checkpoint and of the loaded artifact, and how often they agree."""
+def compare_on_samples(predictor: Predictor, model: ServedModel,
+                       samples: dict[str, dict[str, np.ndarray]]) -> dict:
+    """Accuracy of the checkpoint and of the loaded artifact on each split's held-out sample,
+    and how often they agree."""
     results = {}
-    for split, data in predictor.dataset.eval_splits.items():
+    for split, data in samples.items():
         reference, _ = predictor.predict(data[IMAGE_KEY])
         labels, _ = model.predict_arrays(data[IMAGE_KEY])
         results[split] = {"checkpoint": float(np.mean(reference == data["label"])),
                           "artifact": float(np.mean(labels == data["label"])),
-                          "agreement": float(np.mean(labels == reference))}
+                          "agreement": float(np.mean(labels == reference)),
+                          "examples": int(len(data["label"])),
+                          "split_size": int(data["split_size"])}
     return results
 
 
@@ -180,6 +198,7 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: Path, options:
         raise UserError("--mode=export runs in one process; start it without "
                         "--num_processes (every checkpoint restores on any device count)")
     destination = check_destination(options.artifact, workdir)
+    samples = heldout.load_sample(workdir)
     predictor = load_predictor(config, workdir, options.checkpoint_step, experiment)
     params = jax.device_get(predictor.params)
     quantize = options.quantize or None
@@ -191,7 +210,8 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: Path, options:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         write_files(staging, exported, weights, metadata)
-        metadata["accuracy"] = compare_on_eval_splits(predictor, artifact.load(staging))
+        metadata["accuracy"] = (None if samples is None else
+                                compare_on_samples(predictor, serving.load(staging), samples))
         write_metadata(staging, metadata)
         publish(staging, destination)
     except OSError as e:
@@ -208,9 +228,14 @@ def export_report(destination: Path, metadata: dict) -> str:
              f"{destination} for {', '.join(metadata['platforms'])}, batch size symbolic; "
              f"{kind}: {weights['bytes'] / 1024:.0f} KiB ({weights['float_bytes'] / 1024:.0f} "
              "KiB in float)"]
-    for split, values in metadata["accuracy"].items():
+    if metadata["accuracy"] is None:
+        lines.append(f"accuracy check skipped: the workdir holds no held-out sample "
+                     f"({heldout.FILE_NAME}, saved when training starts); re-run training "
+                     "with the data available to save one")
+    for split, values in (metadata["accuracy"] or {}).items():
         change = values["artifact"] - values["checkpoint"]
         lines.append(f"{split} accuracy: checkpoint {values['checkpoint']:.4f}, artifact "
                      f"{values['artifact']:.4f} (change {change:+.4f}); "
-                     f"{values['agreement']:.2%} of labels agree")
+                     f"{values['agreement']:.2%} of labels agree; on the held-out sample of "
+                     f"{values['examples']} of its {values['split_size']} examples")
     return "\n".join(lines)

@@ -5,6 +5,10 @@ stored layout (uint8 pixels, nothing rescaled), and the task's own preprocessing
 model's eval-mode forward pass (`steps.eval_logits`) do the rest, in batches sharded over the
 mesh. Each prediction is post-processed into the argmax label and the top-k classes with their
 probabilities, named by the dataset's label names, and written as JSON lines or CSV.
+
+Only the model and its params are restored (`scaling.inference.restore`): predicting files
+needs neither the dataset nor the optimizer, so it works after the data has moved. Only
+`--inputs=split:NAME` loads the dataset, for that split's images.
 """
 
 from __future__ import annotations
@@ -25,14 +29,12 @@ import ml_collections
 import numpy as np
 
 from scaling.data import element_spec
-from scaling.data.dataset import ArrayDataset
 from scaling.data.image_files import read_inputs
 from scaling.errors import UserError
-from scaling.runtime import checkpoint
+from scaling.inference import restore
 from scaling.serving.pixels import pad_batch
 from scaling.serving.postprocess import DEFAULT_TOP_K, resolve_top_k, top_k_records
 from scaling.training import mesh as mesh_lib
-from scaling.training import run as run_lib
 from scaling.training import steps
 
 IMAGE_KEY = "image"
@@ -71,19 +73,37 @@ def prediction_outputs(params, batch, *, model, task) -> dict[str, jax.Array]:
             "probabilities": jax.nn.softmax(logits, axis=-1)}
 
 
+def label_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The class names of the config's dataset, known without loading it."""
+    from scaling.data.images import LABEL_NAMES
+
+    return LABEL_NAMES.get(config.data.name,
+                           tuple(str(i) for i in range(config.model.get("num_classes") or 0)))
+
+
 @dataclasses.dataclass(frozen=True)
 class Predictor:
-    """A restored checkpoint and its compiled prediction function on the run's mesh."""
-    run: run_lib.Run
-    dataset: ArrayDataset
-    params: Any
-    step: int
+    """A restored checkpoint and its compiled prediction function on its mesh."""
+    restored: restore.Restored
     outputs: Callable  # (params, {"image": global batch}) -> replicated prediction_outputs
+    label_names: tuple[str, ...]
+
+    @property
+    def config(self) -> ml_collections.ConfigDict:
+        return self.restored.config
+
+    @property
+    def params(self) -> Any:
+        return self.restored.params
+
+    @property
+    def step(self) -> int:
+        return self.restored.step
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(labels, probabilities) for uint8 images of any count, in eval-sized batches."""
-        batch_size = self.run.config.eval_batch_size
-        sharding = mesh_lib.batch_sharding(self.run.mesh, self.run.rules)
+        batch_size = self.config.eval_batch_size
+        sharding = mesh_lib.batch_sharding(self.restored.mesh, self.restored.rules)
         pending = []
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
@@ -96,43 +116,33 @@ class Predictor:
                 np.concatenate([out["probabilities"][:n] for n, out in outputs]))
 
 
-def checkpoint_step(manager, requested: int | None, workdir: Path) -> int:
-    """The step to restore: the requested one, which must exist, or the latest."""
-    available = manager.all_steps()
-    if not available:
-        raise UserError(f"--workdir={workdir}: no checkpoint in {manager.directory}; train "
-                        "first with --mode=train")
-    if requested is None:
-        return max(available)
-    if requested not in available:
-        raise UserError(f"--checkpoint_step={requested}: no such checkpoint in "
-                        f"{manager.directory}; available steps: "
-                        f"{', '.join(map(str, sorted(available)))}")
-    return requested
-
-
 def load_predictor(config: ml_collections.ConfigDict, workdir: Path,
                    requested_step: int | None = None, experiment=None,
                    devices=None) -> Predictor:
-    """Restore a checkpoint (the latest unless `requested_step`) with the run's own setup."""
-    manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
-    try:
-        step = checkpoint_step(manager, requested_step, workdir)
-        run, dataset = run_lib.setup(config, experiment, devices)
-        state = checkpoint.restore(manager, run.abstract_state, step)
-    finally:
-        manager.close()
-    batch_sharding = mesh_lib.batch_sharding(run.mesh, run.rules)
+    """Restore a checkpoint's params (the latest unless `requested_step`) and compile the
+    prediction function for its mesh; the dataset and the optimizer are never touched."""
+    restored = restore.load(config, workdir, requested_step, experiment, devices)
+    mesh, rules = restored.mesh, restored.rules
+    restore.check_batch_divisible(config, mesh, rules)
     outputs = mesh_lib.with_mesh_rules(
-        jax.jit(functools.partial(prediction_outputs, model=run.model, task=run.task),
-                in_shardings=(run.state_shardings.params, {IMAGE_KEY: batch_sharding}),
-                out_shardings=mesh_lib.replicated(run.mesh)),
-        run.mesh, run.rules)
-    return Predictor(run=run, dataset=dataset, params=state.params, step=step, outputs=outputs)
+        jax.jit(functools.partial(prediction_outputs, model=restored.model, task=restored.task),
+                in_shardings=(restored.param_shardings,
+                              {IMAGE_KEY: mesh_lib.batch_sharding(mesh, rules)}),
+                out_shardings=mesh_lib.replicated(mesh)),
+        mesh, rules)
+    return Predictor(restored=restored, outputs=outputs, label_names=label_names(config))
 
 
-def split_inputs(value: str, dataset: ArrayDataset) -> Inputs:
+def split_inputs(value: str, config: ml_collections.ConfigDict) -> Inputs:
+    """A split of the dataset: the one kind of input that needs the data itself."""
+    from scaling.data import load_dataset
+
     name = value[len(SPLIT_PREFIX):]
+    try:
+        dataset = load_dataset(config)
+    except UserError as e:
+        raise UserError(f"--inputs={value}: needs the dataset, which cannot be loaded: "
+                        f"{e}") from None
     splits = {"train": dataset.train, **dataset.eval_splits}
     if name not in splits:
         raise UserError(f"--inputs={value}: unknown split {name!r}; {dataset.name} has "
@@ -226,14 +236,14 @@ def predict_to_file(config: ml_collections.ConfigDict, workdir: Path, options: P
     output = resolve_output(options.output, workdir)
     top_k = checked_top_k(options.top_k, config.model.get("num_classes"))
     from_split = options.inputs.startswith(SPLIT_PREFIX)
-    inputs = None if from_split else file_inputs(options.inputs, config)
+    inputs = None if from_split else file_inputs(options.inputs, config)  # before heavy work
     predictor = load_predictor(config, workdir, options.checkpoint_step, experiment)
     if from_split:
-        inputs = split_inputs(options.inputs, predictor.dataset)
+        inputs = split_inputs(options.inputs, config)
     start = time.perf_counter()
     labels, probabilities = predictor.predict(inputs.images)
     seconds = time.perf_counter() - start
-    rows = prediction_rows(inputs, labels, probabilities, top_k, predictor.dataset.label_names)
+    rows = prediction_rows(inputs, labels, probabilities, top_k, predictor.label_names)
     if jax.process_index() == 0:
         write_predictions(output, rows)
     summary = (f"predicted {len(rows)} inputs ({inputs.source}) with the checkpoint of step "

@@ -1,22 +1,29 @@
 """`--mode=sample`: text from a language-model checkpoint, decoded with a KV cache.
 
-The prompt is encoded with the dataset's tokenizer and prefilled in one pass; new tokens are
+The prompt is encoded with the tokenizer that training saved in the workdir (so the corpus is
+not needed) and prefilled in one pass; new tokens are
 then drawn one at a time inside a compiled `lax.scan`, each from
 `fold_in(key(seed), position)`, so a fixed seed always gives the same text. When the text
 outgrows the model's context, decoding restarts from the last half-context of tokens.
+Only the model and its params are restored (`scaling.inference.restore`): no dataset, no
+optimizer.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from scaling.data.tokenizer import TOKENIZER_DIR, Tokenizer, load_tokenizer
 from scaling.errors import UserError
+from scaling.inference import restore
 from scaling.runtime import checkpoint
 
 
@@ -98,10 +105,36 @@ def sample_text(model, params, tokenizer, options: SampleOptions) -> str:
     return tokenizer.decode(tokens)
 
 
+def workdir_tokenizer(config: ml_collections.ConfigDict, workdir: Path) -> Tokenizer:
+    """The tokenizer saved in the workdir at training time.
+
+    A workdir trained before tokenizers were saved has none; then a byte or SentencePiece
+    tokenizer is rebuilt from the config, and a character vocabulary from the corpus, which
+    must still be where the config says.
+    """
+    saved = load_tokenizer(Path(workdir) / TOKENIZER_DIR)
+    if saved is not None:
+        return saved
+    from scaling.data.tokenizer import make_tokenizer
+
+    data = config.data
+    if data.tokenizer != "char":
+        return make_tokenizer(data.tokenizer, "", data.tokenizer_model)
+    from scaling.data import load_dataset
+
+    print(f"note: {Path(workdir) / TOKENIZER_DIR} is absent (trained before tokenizers were "
+          "saved); rebuilding the character vocabulary from the corpus", file=sys.stderr)
+    try:
+        return load_dataset(config).tokenizer
+    except UserError as e:
+        raise UserError(f"--workdir={workdir}: holds no saved tokenizer and the corpus that "
+                        f"defines its character vocabulary cannot be loaded ({e}); make the "
+                        "corpus available, or re-run training to save the tokenizer") from None
+
+
 def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir, options: SampleOptions,
                            experiment=None) -> str:
-    from scaling.training import run as run_lib
-
+    """Everything `--mode=sample` does: restore the params, load the tokenizer, write text."""
     if config.task != "language_modeling":
         raise UserError(f"--mode=sample needs a language model; {config.experiment} is a "
                         f"{config.task} experiment")
@@ -109,7 +142,10 @@ def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir, options: 
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
     if manager.latest_step() is None:
         raise UserError(f"--workdir={workdir}: no checkpoint to sample from; train first")
-    run, dataset = run_lib.setup(config, experiment)
-    state = checkpoint.restore(manager, run.abstract_state)
-    manager.close()
-    return sample_text(run.model, state.params, dataset.tokenizer, options)
+    tokenizer = workdir_tokenizer(config, workdir)
+    vocab = config.model.get("vocab_size")
+    if vocab is not None and vocab < tokenizer.vocab_size:
+        raise UserError(f"--config.model.vocab_size={vocab}: the tokenizer has "
+                        f"{tokenizer.vocab_size} tokens; raise it to at least that")
+    restored = restore.load(config, workdir, experiment=experiment)
+    return sample_text(restored.model, restored.params, tokenizer, options)

@@ -14,6 +14,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from scaling.data import heldout
+from scaling.data.tokenizer import TOKENIZER_DIR, save_tokenizer
 from scaling.errors import Preempted, TrainingDiverged, UserError
 from scaling.runtime import checkpoint, chips, profiling, startup_gc
 from scaling.runtime.metrics import MetricsWriter, Progress, throughput
@@ -50,6 +52,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, experim
     state, resumed = checkpoint.restore_or_init(manager, run.abstract_state, run.init)
     if jax.process_index() == 0:  # only once the checkpoint is known to fit this config
         write_config(config, workdir)
+        save_for_inference(dataset, workdir)
     step = int(jax.device_get(state.step))
     writer = MetricsWriter(workdir, resume_step=step)
     progress = Progress(run.total_steps)
@@ -78,6 +81,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, experim
     for split, values in results.items():
         progress.message(f"final {split} {format_metrics(values)}")
     return results
+
+
+def save_for_inference(dataset, workdir: Path) -> None:
+    """What predict, export and sample need from the data, kept in the workdir: the tokenizer
+    and a small sample of each eval split, so they run after the dataset is gone."""
+    root = Path(workdir).resolve()
+    for name in (TOKENIZER_DIR, heldout.FILE_NAME):
+        if root not in (root / name).resolve().parents:
+            raise UserError(f"{root / name} leads outside the workdir; remove it or choose "
+                            "another --workdir")
+    if dataset.tokenizer is not None:
+        save_tokenizer(dataset.tokenizer, Path(workdir) / TOKENIZER_DIR)
+    heldout.save_sample(dataset, workdir)
 
 
 def _train_loop(run: Run, dataset, state, step: int, manager, logger, writer, progress,
