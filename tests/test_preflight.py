@@ -195,7 +195,7 @@ def test_oversized_step_exits_4_saying_by_how_much(tmp_path):
     assert result.returncode == 4, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in result.stderr
-    report = json.loads((tmp_path / "step_report.json").read_text())
+    report = json.loads((tmp_path / "preflight.json").read_text())
     peak, hbm = report["memory_per_device"]["peak"], 16 * 2**30
     assert report["fits"] is False and peak > 4 * 2**30 * 3  # params and two Adam moments
     over = f"{state_summary.format_bytes(peak - hbm)} ({(peak - hbm) / hbm:.0%}) over"
@@ -209,7 +209,7 @@ def test_unknown_topology_is_a_user_error(tmp_path):
                      "--topology=v5p-100", f"--workdir={tmp_path}")
     assert result.returncode == 2, result.stderr
     assert "error: --topology=v5p-100: unknown TPU slice; known: " in result.stderr
-    assert not (tmp_path / "step_report.json").exists()
+    assert not (tmp_path / "preflight.json").exists()
 
 
 def test_local_devices_need_no_topology():

@@ -57,8 +57,8 @@ def make_target(topology_name: str | None, config: ml_collections.ConfigDict) ->
         num_slices = math.prod(mesh_lib.dcn_sizes(config.mesh).values())
         devices = topology.compile_only_devices(slice_, num_slices)
         slices = f"{num_slices} slices of " if num_slices > 1 else ""
-        chips = _count(slice_.num_chips, "chip")
-        label = f"{slices}{slice_.name} ({slice_.topology_name}, {chips})"
+        chip_count = _count(slice_.num_chips, "chip")
+        label = f"{slices}{slice_.name} ({slice_.topology_name}, {chip_count})"
     else:
         devices = jax.devices()
         label = _count(len(devices), f"local {devices[0].platform} device")
