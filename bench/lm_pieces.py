@@ -29,13 +29,8 @@ import optax
 from machine_load import cpu_seconds, page_faults, print_load
 from results import Contender, write_results
 
-from scaling.models.transformer import (
-    Mlp,
-    RMSNorm,
-    TransformerConfig,
-    apply_rope,
-    attend,
-)
+from scaling.models.cpu_attention import attend
+from scaling.models.transformer import Mlp, RMSNorm, TransformerConfig, apply_rope
 from scaling.runtime import platforms
 
 CONFIG = TransformerConfig(vocab_size=128, num_layers=4, embed_dim=128, num_heads=4,

@@ -67,6 +67,33 @@ def shakespeare_dir() -> Path:
     return SHAKESPEARE_DIR
 
 
+CUSTOM_MODEL = '''
+
+def make_model(config):
+    """A classifier of the experiment's own, with a logical axis name of its own."""
+    import flax.linen as nn
+
+    class Custom(nn.Module):
+        @nn.compact
+        def __call__(self, x, *, train=False):
+            x = x.reshape((x.shape[0], -1))
+            kernel = nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                  ("embed", "widgets"))
+            return nn.Dense(10, kernel_init=kernel, use_bias=False)(x)
+
+    return Custom()
+'''
+
+
+def write_custom_experiment(directory: Path, extra: str = "") -> Path:
+    """`fashion_mnist_mlp` with `CUSTOM_MODEL` (and `extra`) appended: an experiment whose
+    model is its own, as a researcher would write one."""
+    path = directory / "custom.py"
+    path.write_text((REPO / "experiments" / "fashion_mnist_mlp.py").read_text()
+                    + CUSTOM_MODEL + extra)
+    return path
+
+
 def run_cli(*args: str, env_extra: dict | None = None, cwd: Path | None = None,
             python_flags: tuple[str, ...] = (),
             timeout: int = 300) -> subprocess.CompletedProcess:

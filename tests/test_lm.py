@@ -1,18 +1,18 @@
 """The transformer LM through the real loop: meshes, collectives, accumulation, sampling."""
 
 import dataclasses
-import re
 
 import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from scaling import data
 from scaling.config import experiments as config_lib
 from scaling.inference.sample import SampleOptions, sample_text
+from scaling.preflight import hlo, step_report
 from scaling.runtime.metrics import read_metrics
 from scaling.training import loop
 from scaling.training import run as run_lib
+from scaling.training.state_summary import parameter_count
 
 TINY = ["model.embed_dim=32", "model.num_layers=2", "model.num_heads=8", "model.num_kv_heads=4",
         "model.head_dim=8", "model.mlp_dim=64", "model.max_seq_len=16", "data.seq_len=16",
@@ -66,30 +66,65 @@ def test_every_mesh_matches_one_device(mesh, tmp_path, shakespeare_dir, one_devi
     assert losses[-1] < losses[0]
 
 
-def compiled_hlo(config, module) -> str:
-    run, dataset = run_lib.setup(config, module)
-    state = run.init()
-    chunk = run_lib.put_chunk(run, data.dataset.train_chunk(dataset.train, 0, 0, 1,
-                                                          config.batch_size))
-    with jax.set_mesh(run.mesh):
-        return run.train_steps.inner.lower(state, chunk).compile().as_text()
+def compiled_step(config, module):
+    """The run and its train step compiled through the one lowering helper that preflight
+    uses, with the mesh and logical rules in scope as in training."""
+    run, _ = run_lib.setup(config, module)
+    compiled = run_lib.lower_train_step(run).compile()
+    return run, compiled, hlo.count_step(compiled.as_text())
 
 
-def collectives(hlo: str) -> set[str]:
-    return set(re.findall(r"\b(all-gather|reduce-scatter|all-reduce|all-to-all)(?:-start)?\(",
-                          hlo))
+def gradient_bytes(run) -> float:
+    """Float32 gradients of every param, once."""
+    return 4.0 * parameter_count(run.abstract_state.params)
+
+
+def assert_state_keeps_its_shardings(run, compiled):
+    """The updated state comes out exactly as sharded as it went in (donation needs it)."""
+    state_out, _ = compiled.output_shardings
+    want = jax.tree_util.tree_leaves(run.state_shardings)
+    got = jax.tree_util.tree_leaves(state_out)
+    assert [g.spec for g in got] == [w.spec for w in want]
 
 
 def test_fsdp_gathers_params_and_scatters_gradients(shakespeare_dir):
-    found = collectives(compiled_hlo(*tiny_lm(shakespeare_dir, "mesh.data=1", "mesh.fsdp=8")))
-    assert "all-gather" in found
-    assert found & {"reduce-scatter", "all-reduce"}
+    run, compiled, counts = compiled_step(*tiny_lm(shakespeare_dir, "mesh.data=1",
+                                                   "mesh.fsdp=8"))
+    groups = step_report.measured_groups(counts)
+    # Every gradient is reduced once (plus a few scalar metrics); every param is gathered at
+    # least once, for the forward pass, and at most once more, for the backward pass.
+    assert groups[step_report.GRADIENTS] == pytest.approx(gradient_bytes(run), rel=1e-3)
+    assert gradient_bytes(run) <= groups["all-gather"] <= 2 * gradient_bytes(run)
+    assert_state_keeps_its_shardings(run, compiled)
+    query = compiled.output_shardings[0].params["layers"]["attention"]["query"]
+    assert query.spec == P(None, "fsdp", "tensor", None)
 
 
 def test_data_parallel_all_reduces_gradients(shakespeare_dir):
-    found = collectives(compiled_hlo(*tiny_lm(shakespeare_dir, "mesh.data=8")))
-    assert "all-reduce" in found
-    assert "all-gather" not in found
+    run, compiled, counts = compiled_step(*tiny_lm(shakespeare_dir, "mesh.data=8"))
+    by_kind = counts.bytes_by_kind()
+    assert by_kind["all-gather"] == by_kind["reduce-scatter"] == 0
+    reduces = [c for c in counts.collectives if c.kind == "all-reduce"]
+    assert sum(c.count for c in reduces) == 1  # XLA combines every gradient into one
+    # The tied embedding's gradient arrives in two parts, the lookup's and the logits',
+    # which are reduced before they are added: the table counts twice.
+    embedding = 4.0 * parameter_count(run.abstract_state.params["embedding"])
+    assert by_kind["all-reduce"] == pytest.approx(gradient_bytes(run) + embedding, rel=1e-3)
+    assert_state_keeps_its_shardings(run, compiled)
+
+
+def test_tensor_parallel_all_reduces_activations_as_the_model_predicts(shakespeare_dir):
+    run, compiled, counts = compiled_step(*tiny_lm(shakespeare_dir, "mesh.data=2",
+                                                   "mesh.tensor=4"))
+    analytic = step_report.analytic_collectives(run, "cpu")
+    # 16 sequences of 16 tokens over data=2, width 32, float32: per layer 2 forward and 5
+    # backward activation all-reduces, 2 for the vocabulary; the gradients over data=2.
+    activation = 16 // 2 * 16 * 32 * 4
+    assert analytic[step_report.GRADIENTS] == (7 * 2 + 2) * activation + 4 * sum(
+        p.gathered_elements(dict(run.mesh.shape))
+        for p in step_report.step_layout(run, "cpu").params)
+    assert step_report.agrees(step_report.measured_groups(counts), analytic)
+    assert_state_keeps_its_shardings(run, compiled)
 
 
 def test_accumulation_and_remat_leave_the_loss_unchanged(tmp_path, shakespeare_dir,

@@ -1,8 +1,9 @@
 """Preflight: the compiled step's memory, FLOPs and collectives, against the formulas.
 
 Collective bytes follow the convention of `scaling.preflight.hlo` (the buffer per device, per
-step) and must agree with `step_report.analytic_collectives` within `step_report.TOLERANCE`
-(5%) of the analytic total, group by group.
+step) and must agree with the model's own formula (`step_report.analytic_collectives`) within
+`step_report.TOLERANCE` (5%) of the analytic total, group by group. The step is compiled
+through `run.lower_train_step`, as training lowers it.
 """
 
 import importlib.util
@@ -10,7 +11,7 @@ import json
 
 import jax
 import pytest
-from conftest import run_cli
+from conftest import run_cli, write_custom_experiment
 
 from scaling.config import experiments as config_lib
 from scaling.errors import UserError
@@ -215,3 +216,46 @@ def test_unknown_topology_is_a_user_error(tmp_path):
 def test_local_devices_need_no_topology():
     target = step_report.make_target(None, tiny_lm()[0])
     assert target.devices == jax.devices() and target.chip is None
+
+
+CUSTOM_RULES = ("sharding_rules=(('batch', ('data', 'fsdp')), ('embed', 'fsdp'), "
+                "('widgets', None))")
+
+
+def custom_experiment(tmp_path, extra: str = ""):
+    path = write_custom_experiment(tmp_path, extra)
+    return config_lib.load_config(str(path), [CUSTOM_RULES, "mesh.data=8"])
+
+
+def test_a_model_without_formulas_gets_none_and_no_verdict(tmp_path):
+    config, module = custom_experiment(tmp_path)
+    report = step_report.preflight(config, step_report.make_target(None, config), module)
+    assert report["collective_groups"]["analytic"] is None
+    assert report["flops_per_device"]["model"] is None
+    text = step_report.format_report(report)
+    assert text.count("no formula for this model") == 2
+    assert "they agree" not in text and "they differ" not in text
+    measured = report["collective_groups"]["measured"]
+    assert measured[step_report.GRADIENTS] >= 4 * 784 * 10  # its one kernel, all-reduced
+
+
+def test_an_experiment_provides_its_own_formulas(tmp_path):
+    hooks = '''
+
+def flops_per_example(model, config, params):
+    # One kernel on the input: forward and weight gradient only, no input gradient.
+    return 4.0 * 784 * 10
+
+
+def collective_bytes(model, config, layout):
+    return {"all-reduce + reduce-scatter": 4.0 * 784 * 10 if layout.data_parallel > 1 else 0}
+'''
+    config, module = custom_experiment(tmp_path, hooks)
+    report = step_report.preflight(config, step_report.make_target(None, config), module)
+    groups = report["collective_groups"]
+    assert groups["analytic"] == {**dict.fromkeys(step_report.GROUPS, 0.0),
+                                  step_report.GRADIENTS: 4.0 * 784 * 10}
+    assert step_report.agrees(groups["measured"], groups["analytic"])
+    flops = report["flops_per_device"]
+    assert flops["model"] == 4.0 * 784 * 10 * config.batch_size / 8
+    assert flops["compiled_matmuls"] == pytest.approx(flops["model"], rel=0.01)

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from scaling.errors import UserError
+from scaling.models import cpu_attention
 from scaling.models.transformer import (
     ATTENTION_FORMS,
     Attention,
@@ -278,3 +279,12 @@ def test_logical_constraints_shard_on_a_mesh():
     assert logits.sharding.spec[0] == "data"
     np.testing.assert_allclose(logits, forward(config, params, tokens_BL), rtol=1e-5,
                                atol=1e-5)
+
+
+def test_the_cpu_attention_trick_lives_in_its_own_module():
+    """The hand-written backward is a CPU-only speed trick: the general path only names it."""
+    assert ATTENTION_FORMS["batched_matmul"] is cpu_attention.batched_matmul_attention
+    assert not hasattr(Transformer, "attend")
+    import scaling.models.transformer as transformer
+
+    assert not hasattr(transformer, "attend") and not hasattr(transformer, "_attend_backward")

@@ -1,16 +1,24 @@
-"""Flax Linen models, named by `config.model.name`. Models use logical axis names only."""
+"""Flax Linen models, named by `config.model.name`, and the formulas each one provides.
+
+Models use the logical axis names of `scaling.models.axes` only. Each model also says what a
+training step should cost: FLOPs per example and collective bytes per step (the protocol is
+in `scaling.models.formulas`). The built-in models define them in their modules; an
+experiment file that defines `make_model(config)` may define `flops_per_example(model,
+config, params)` and `collective_bytes(model, config, layout)` beside it. A model class with
+neither gets no formula, and preflight says so rather than guessing.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import math
+from collections.abc import Callable
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 
 from scaling.errors import UserError
+from scaling.models import formulas
 
 MODELS = ("mlp", "transformer")
 
@@ -49,16 +57,40 @@ def transformer_config(model_config: ml_collections.ConfigDict):
         raise UserError(f"--config.model.{e}") from None
 
 
-def training_flops_per_example(model: nn.Module, params, element_spec: dict) -> float:
-    """Analytic FLOPs of one forward and backward pass over one example.
+def _model_formulas(model: nn.Module, experiment) -> tuple[Callable | None, Callable | None]:
+    """(flops_per_example, collective_bytes) for this model: the experiment's own functions
+    where its file defines them, else those of the built-in model class, else None."""
+    from scaling.models import mlp, transformer
 
-    Transformers use their own count (see `transformer.flops_per_token`); any other model is
-    taken as a stack of dense layers, 6 FLOPs per weight-matrix entry.
-    """
-    from scaling.models.transformer import Transformer, flops_per_token
+    builtin = {mlp.MLP: mlp, transformer.Transformer: transformer}.get(type(model))
+    found = []
+    for name in ("flops_per_example", "collective_bytes"):
+        hook = getattr(experiment, name, None)
+        found.append(hook if callable(hook) else getattr(builtin, name, None))
+    return found[0], found[1]
 
-    if isinstance(model, Transformer):
-        seq_len = element_spec["tokens"].shape[0] - 1
-        return flops_per_token(model.config, seq_len) * seq_len
-    return 6.0 * sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(params)
-                     if len(p.shape) > 1)
+
+def training_flops_per_example(model: nn.Module, config: ml_collections.ConfigDict, params,
+                               experiment=None) -> float | None:
+    """Analytic FLOPs of one forward and backward pass over one example, as the model counts
+    them (see `scaling.models.formulas`); None for a model that provides no formula, since a
+    guess would make every MFU figure quietly wrong."""
+    flops, _ = _model_formulas(model, experiment)
+    return None if flops is None else float(flops(model, config, params))
+
+
+def collective_bytes(model: nn.Module, config: ml_collections.ConfigDict,
+                     layout: formulas.StepLayout, experiment=None) -> dict[str, float] | None:
+    """The collective bytes per device per step that the model expects, by
+    `formulas.GROUPS`; None for a model with no formula (for this layout)."""
+    _, collectives = _model_formulas(model, experiment)
+    if collectives is None:
+        return None
+    totals = collectives(model, config, layout)
+    if totals is None:
+        return None
+    unknown = set(totals) - set(formulas.GROUPS)
+    if unknown:
+        raise UserError(f"collective_bytes returned unknown groups {', '.join(sorted(unknown))}; "
+                        f"expected some of {', '.join(formulas.GROUPS)}")
+    return {group: float(totals.get(group, 0.0)) for group in formulas.GROUPS}

@@ -17,9 +17,10 @@ that their weight gradients contract a single axis: XLA:CPU lowers the two-axis 
 contraction of an einsum's weight gradient through a strided transpose that cost 40% of a
 training step, for the same arithmetic.
 
-Only logical axis names appear here (batch, seq, embed, heads, kv, mlp, vocab, layers); the
-config's rules map them to mesh axes. Key and value projections name their head axis `heads`
-too, so a rule that splits `heads` over a mesh axis must divide K as well as H.
+Only logical axis names appear here (batch, seq, embed, heads, kv, mlp, vocab, layers, from
+`scaling.models.axes`); the config's rules map them to mesh axes. Key and value projections
+name their head axis `heads` too, so a rule that splits `heads` over a mesh axis must divide
+K as well as H.
 
 The layers are one `Block` scanned `num_layers` times, so the compiled program holds one
 layer body whatever the depth, and every layer parameter has a leading `layers` axis.
@@ -32,7 +33,8 @@ them again, so large models keep the loop.
 
 The attention core has two written forms (`attention`): `grouped_einsum`, the default, which
 XLA lays out best on accelerators, and `batched_matmul` with a hand-written backward, which
-keeps XLA:CPU's products in its fast matmul library.
+keeps XLA:CPU's products in its fast matmul library; that CPU-only trick lives in
+`scaling.models.cpu_attention`.
 
 Parameters live in `param_dtype`; matmuls run in `dtype`; norms, rotary angles, softmax and
 logits run in float32 because they lose the most precision in bfloat16.
@@ -47,8 +49,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from scaling.errors import UserError
+from scaling.models import cpu_attention, formulas
+from scaling.models.axes import BATCH, EMBED, HEADS, KV, LAYERS, MLP, SEQ, VOCAB, constrain
 
 REMAT_POLICIES = {
     "none": None,  # no remat at all
@@ -121,8 +126,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
-        scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
-                                                                   ("embed",)),
+        scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (EMBED,)),
                              (x_BLD.shape[-1],), self.config.param_dtype)
         x = x_BLD.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.config.norm_eps)
@@ -140,64 +144,9 @@ def apply_rope(x_BLHDh: jax.Array, positions_BL: jax.Array, theta: float) -> jax
     return rotated.astype(x_BLHDh.dtype)
 
 
-@jax.custom_vjp
-def attend(q_BKMDh: jax.Array, k_BKSDh: jax.Array, v_BKSDh: jax.Array,
-           mask_LS: jax.Array) -> jax.Array:
-    """Masked softmax attention of M = G·L queries per key/value head, with its own backward.
-
-    `mask_LS` says which key slot each of the L query positions may see; the M queries are
-    the G query heads of a key/value head, each over the L positions. Scores, softmax and
-    probabilities are float32; the probabilities meet the values in the inputs' dtype.
-
-    The backward is written out so that every product contracts the minor axis of one operand
-    and the major axis of the other. Differentiating the forward instead contracts the M
-    axis of two operands for the key and value gradients, which XLA:CPU runs through its slow
-    generic dot at 20 GFLOP/s; this form keeps them in its fast matmul library, and made a
-    small model's training step 1.15x faster on a CPU.
-    """
-    return _attend_forward(q_BKMDh, k_BKSDh, v_BKSDh, mask_LS)[0]
-
-
 def _masked_softmax(logits_LS: jax.Array, mask_LS: jax.Array) -> jax.Array:
     """Float32 softmax over the last axis, with the keys `mask_LS` hides at probability 0."""
     return jax.nn.softmax(jnp.where(mask_LS, logits_LS, jnp.finfo(jnp.float32).min), axis=-1)
-
-
-def _softmax_probs(q_BKMDh: jax.Array, k_BKSDh: jax.Array, mask_LS: jax.Array) -> jax.Array:
-    B, K, M, Dh = q_BKMDh.shape
-    (L, S), G = mask_LS.shape, M // mask_LS.shape[0]
-    logits_BKMS = jnp.einsum("bkmd,bksd->bkms", q_BKMDh, k_BKSDh,
-                             preferred_element_type=jnp.float32) * Dh**-0.5
-    return _masked_softmax(logits_BKMS.reshape(B, K, G, L, S), mask_LS).reshape(B, K, M, S)
-
-
-def _attend_forward(q_BKMDh, k_BKSDh, v_BKSDh, mask_LS):
-    probs_BKMS = _softmax_probs(q_BKMDh, k_BKSDh, mask_LS)
-    out_BKMDh = jnp.einsum("bkms,bksd->bkmd", probs_BKMS.astype(v_BKSDh.dtype), v_BKSDh)
-    return out_BKMDh, (q_BKMDh, k_BKSDh, v_BKSDh, probs_BKMS)
-
-
-def _attend_backward(residuals, dout_BKMDh):
-    q_BKMDh, k_BKSDh, v_BKSDh, probs_BKMS = residuals
-    dtype, Dh = q_BKMDh.dtype, q_BKMDh.shape[-1]
-    dprobs_BKMS = jnp.einsum("bkmd,bksd->bkms", dout_BKMDh, v_BKSDh,
-                             preferred_element_type=jnp.float32)
-    # Softmax's backward; the masked entries have probability 0, so they get no gradient.
-    dlogits_BKMS = probs_BKMS * (dprobs_BKMS - jnp.sum(dprobs_BKMS * probs_BKMS, axis=-1,
-                                                       keepdims=True))
-    dqk_BKMS = (dlogits_BKMS * Dh**-0.5).astype(dtype)
-    dq_BKMDh = jnp.einsum("bkms,bksd->bkmd", dqk_BKMS, k_BKSDh)
-    # Transposing the small (M, Dh) operands, and keeping XLA from folding the transposes
-    # back into the products, lets both products contract M as an ordinary matmul.
-    q_BKDhM, dout_BKDhM = jax.lax.optimization_barrier(
-        (jnp.swapaxes(q_BKMDh, -1, -2), jnp.swapaxes(dout_BKMDh, -1, -2)))
-    dk_BKDhS = jnp.einsum("bkdm,bkms->bkds", q_BKDhM, dqk_BKMS)
-    dv_BKDhS = jnp.einsum("bkdm,bkms->bkds", dout_BKDhM, probs_BKMS.astype(dtype))
-    return (dq_BKMDh, jnp.swapaxes(dk_BKDhS, -1, -2).astype(k_BKSDh.dtype),
-            jnp.swapaxes(dv_BKDhS, -1, -2).astype(v_BKSDh.dtype), None)
-
-
-attend.defvjp(_attend_forward, _attend_backward)
 
 
 def grouped_einsum_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: jax.Array,
@@ -205,9 +154,9 @@ def grouped_einsum_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: ja
     """Attention as two einsums over (kv head, group) axes, differentiated by JAX.
 
     The default: on TPU and GPU, XLA fuses and lays this out best. For `lm_8b` on a v5p-128,
-    preflight measures a 32.8 GiB peak a chip, against 36.9 GiB for the batched layout below
-    with autodiff and 46.9 GiB with its hand-written backward, whose saved float32
-    probabilities outlive the layer's recomputation.
+    preflight measures a 32.8 GiB peak a chip, against 36.9 GiB for the batched layout of
+    `scaling.models.cpu_attention` with autodiff and 46.9 GiB with its hand-written backward,
+    whose saved float32 probabilities outlive the layer's recomputation.
     """
     B, L, H, Dh = q_BLHDh.shape
     K = k_BSKDh.shape[2]
@@ -219,23 +168,8 @@ def grouped_einsum_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: ja
     return out_BLKGDh.reshape(B, L, H, Dh)
 
 
-def batched_matmul_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: jax.Array,
-                             mask_LS: jax.Array) -> jax.Array:
-    """Attention as one (G·L, Dh) @ (Dh, S) matmul per (batch, kv head), with `attend`'s
-    hand-written backward: 1.2x faster training on XLA:CPU (see `attend`), but more memory
-    on accelerators (see `grouped_einsum_attention`), so CPU experiments choose it."""
-    B, L, H, Dh = q_BLHDh.shape
-    K = k_BSKDh.shape[2]
-    G = H // K
-    q_BKMDh = q_BLHDh.reshape(B, L, K, G, Dh).transpose(0, 2, 3, 1, 4).reshape(
-        B, K, G * L, Dh)
-    k_BKSDh, v_BKSDh = k_BSKDh.transpose(0, 2, 1, 3), v_BSKDh.transpose(0, 2, 1, 3)
-    out_BKMDh = attend(q_BKMDh, k_BKSDh, v_BKSDh, mask_LS)
-    return out_BKMDh.reshape(B, K, G, L, Dh).transpose(0, 3, 1, 2, 4).reshape(B, L, H, Dh)
-
-
 ATTENTION_FORMS = {"grouped_einsum": grouped_einsum_attention,
-                   "batched_matmul": batched_matmul_attention}
+                   "batched_matmul": cpu_attention.batched_matmul_attention}
 
 
 class Attention(nn.Module):
@@ -250,20 +184,20 @@ class Attention(nn.Module):
         B, L, D = x_BLD.shape
         H, K, Dh = c.num_heads, c.num_kv_heads, c.head_dim
         qkv_init = _fan_in_init(0, (1, 2))
-        w_DHDh = _param(self, "query", qkv_init, (D, H, Dh), ("embed", "heads", "kv"))
-        wk_DKDh = _param(self, "key", qkv_init, (D, K, Dh), ("embed", "heads", "kv"))
-        wv_DKDh = _param(self, "value", qkv_init, (D, K, Dh), ("embed", "heads", "kv"))
+        w_DHDh = _param(self, "query", qkv_init, (D, H, Dh), (EMBED, HEADS, KV))
+        wk_DKDh = _param(self, "key", qkv_init, (D, K, Dh), (EMBED, HEADS, KV))
+        wv_DKDh = _param(self, "value", qkv_init, (D, K, Dh), (EMBED, HEADS, KV))
         w_HDhD = _param(self, "out", _fan_in_init((0, 1), 2), (H, Dh, D),
-                        ("heads", "kv", "embed"))
+                        (HEADS, KV, EMBED))
 
-        names = ("batch", "seq", "heads", "kv")
+        names = (BATCH, SEQ, HEADS, KV)
         x_TD = x_BLD.reshape(B * L, D)
 
         def project(w_DNDh):
             # One contracting axis per matmul, also in the weight gradient; see the docstring.
             N = w_DNDh.shape[1]
             y_BLNDh = (x_TD @ w_DNDh.reshape(D, N * Dh)).reshape(B, L, N, Dh)
-            return nn.with_logical_constraint(y_BLNDh, names)
+            return constrain(y_BLNDh, names)
 
         q_BLHDh, k_BLKDh, v_BLKDh = project(w_DHDh), project(wk_DKDh), project(wv_DKDh)
 
@@ -293,14 +227,14 @@ class Attention(nn.Module):
 
         mask_LS = k_slot_S[None, :] <= q_slot_L[:, None]
         out_BLHDh = ATTENTION_FORMS[c.attention](q_BLHDh, k_BSKDh, v_BSKDh, mask_LS)
-        out_BLHDh = nn.with_logical_constraint(out_BLHDh, names)
+        out_BLHDh = constrain(out_BLHDh, names)
         return (out_BLHDh.reshape(B * L, H * Dh) @ w_HDhD.reshape(H * Dh, D)).reshape(B, L, D)
 
     def _cache_variables(self, B: int) -> _Cache:
         c = self.config
         initialized = self.has_variable("cache", "cached_key")
         shape = (B, c.max_seq_len, c.num_kv_heads, c.head_dim)
-        zeros = nn.with_logical_partitioning(jnp.zeros, ("batch", "seq", "heads", "kv"))
+        zeros = nn.with_logical_partitioning(jnp.zeros, (BATCH, SEQ, HEADS, KV))
         return _Cache(
             initialized=initialized,
             key=self.variable("cache", "cached_key", zeros, shape, c.dtype),
@@ -327,14 +261,14 @@ class Mlp(nn.Module):
         c = self.config
         D, F = x_BLD.shape[-1], c.mlp_dim
         init = _fan_in_init(0, 1)
-        gate_DF = _param(self, "gate", init, (D, F), ("embed", "mlp"))
-        up_DF = _param(self, "up", init, (D, F), ("embed", "mlp"))
-        down_FD = _param(self, "down", init, (F, D), ("mlp", "embed"))
-        names = ("batch", "seq", "mlp")
+        gate_DF = _param(self, "gate", init, (D, F), (EMBED, MLP))
+        up_DF = _param(self, "up", init, (D, F), (EMBED, MLP))
+        down_FD = _param(self, "down", init, (F, D), (MLP, EMBED))
+        names = (BATCH, SEQ, MLP)
         B, L = x_BLD.shape[:2]
         x_TD = x_BLD.reshape(B * L, D)
-        gate_BLF = nn.with_logical_constraint((x_TD @ gate_DF).reshape(B, L, F), names)
-        up_BLF = nn.with_logical_constraint((x_TD @ up_DF).reshape(B, L, F), names)
+        gate_BLF = constrain((x_TD @ gate_DF).reshape(B, L, F), names)
+        up_BLF = constrain((x_TD @ up_DF).reshape(B, L, F), names)
         hidden_TF = (nn.silu(gate_BLF) * up_BLF).reshape(B * L, F)
         return (hidden_TF @ down_FD).reshape(B, L, D)
 
@@ -348,14 +282,14 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BLD: jax.Array,
                  positions_BL: jax.Array | None) -> tuple[jax.Array, None]:
-        names = ("batch", "seq", "embed")
+        names = (BATCH, SEQ, EMBED)
         h_BLD = RMSNorm(self.config, name="attention_norm")(x_BLD)
         x_BLD = x_BLD + Attention(self.config, self.decode, name="attention")(h_BLD,
                                                                               positions_BL)
-        x_BLD = nn.with_logical_constraint(x_BLD, names)
+        x_BLD = constrain(x_BLD, names)
         h_BLD = RMSNorm(self.config, name="mlp_norm")(x_BLD)
         x_BLD = x_BLD + Mlp(self.config, name="mlp")(h_BLD)
-        return nn.with_logical_constraint(x_BLD, names), None
+        return constrain(x_BLD, names), None
 
 
 class Transformer(nn.Module):
@@ -376,11 +310,11 @@ class Transformer(nn.Module):
         c = self.config
         embedding_VD = self.param(
             "embedding", nn.with_logical_partitioning(nn.linear.default_embed_init,
-                                                      ("vocab", "embed")),
+                                                      (VOCAB, EMBED)),
             (c.vocab_size, c.embed_dim), c.param_dtype)
         # Gather before casting, so bfloat16 compute never copies the whole table.
         x_BLD = jnp.take(embedding_VD, tokens_BL, axis=0).astype(c.dtype)
-        x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "seq", "embed"))
+        x_BLD = constrain(x_BLD, (BATCH, SEQ, EMBED))
 
         layer = Block
         policy = REMAT_POLICIES[c.remat_policy]
@@ -393,7 +327,7 @@ class Transformer(nn.Module):
             stack = nn.scan(layer, variable_axes={"params": 0, "cache": 0},
                             split_rngs={"params": True}, in_axes=(nn.broadcast,),
                             length=c.num_layers, unroll=unroll,
-                            metadata_params={nn.PARTITION_NAME: "layers"})
+                            metadata_params={nn.PARTITION_NAME: LAYERS})
             x_BLD, _ = stack(c, decode, name="layers")(x_BLD, positions_BL)
         else:
             for i in range(c.num_layers):
@@ -405,10 +339,10 @@ class Transformer(nn.Module):
                                     preferred_element_type=jnp.float32)
         else:
             output_DV = _param(self, "output", _fan_in_init(0, 1), (c.embed_dim, c.vocab_size),
-                               ("embed", "vocab"))
+                               (EMBED, VOCAB))
             logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, output_DV,
                                     preferred_element_type=jnp.float32)
-        return nn.with_logical_constraint(logits_BLV, ("batch", "seq", "vocab"))
+        return constrain(logits_BLV, (BATCH, SEQ, VOCAB))
 
 
 def init_cache(model: Transformer, batch_size: int) -> dict:
@@ -444,3 +378,53 @@ def flops_per_token(config: TransformerConfig, seq_len: int) -> float:
     mlp = 3 * c.embed_dim * c.mlp_dim
     matmul_params = c.num_layers * (attention + mlp) + c.embed_dim * c.vocab_size
     return 6.0 * matmul_params + 12.0 * c.num_layers * c.num_heads * c.head_dim * seq_len
+
+
+def flops_per_example(model: Transformer, config: ml_collections.ConfigDict, params) -> float:
+    """Training FLOPs of one sequence: `flops_per_token` times the tokens that are predicted
+    (`data.seq_len`; each example holds one more, the last target)."""
+    del params  # the count follows from the config, tied or not
+    seq_len = config.data.seq_len
+    return flops_per_token(model.config, seq_len) * seq_len
+
+
+def _scanned(param: formulas.ParamLayout) -> bool:
+    return param.path[0] == "layers"
+
+
+def collective_bytes(model: Transformer, config: ml_collections.ConfigDict,
+                     layout: formulas.StepLayout) -> dict[str, float]:
+    """Per-device buffer bytes per step by group: `formulas.parameter_collectives` for data
+    parallelism and FSDP (the scanned `layers` gathered forward and again backward), plus
+    tensor parallelism's activation all-reduces.
+
+    Tensor parallelism: one all-reduce of the layer's activations (tokens × width, compute
+    dtype) per matmul whose contraction is split: per layer two in the forward pass
+    (attention output, MLP down), two in the backward pass where XLA sums the partial input
+    gradients first (TPU) or five where it does not (CPU: query, key, value, gate, up), one
+    more when full remat recomputes the attention output; plus, for a vocabulary split over
+    `tensor`, the embedding lookup (in the table's dtype) and the input gradient of the
+    float32 logits.
+
+    XLA is free to do otherwise, and preflight's comparison shows where it did: for a small
+    embedding table split over fsdp it sends the looked-up rows by all-to-all instead of
+    gathering the table and reducing its gradient; under full remat on TPU it may gather a
+    layer's weights a third time for the recomputed forward pass; for small batches it may
+    move activations rather than weights.
+    """
+    c = model.config
+    compute_itemsize = c.dtype.itemsize
+    totals = formulas.parameter_collectives(layout, compute_itemsize=compute_itemsize,
+                                            microbatches=config.grad_accum_steps,
+                                            scanned=_scanned)
+    if layout.mesh_shape["tensor"] > 1:
+        tokens = config.batch_size // layout.data_parallel * config.data.seq_len
+        backward = 2 if layout.narrow else 5
+        recompute = 1 if c.remat_policy == "full" else 0
+        per_layer = 2 + backward + recompute
+        totals[formulas.GRADIENTS] += (tokens * c.embed_dim * compute_itemsize * per_layer
+                                       * c.num_layers)
+        for p in layout.params:
+            if p.path == ("embedding",) and "tensor" in p.mesh_axes:
+                totals[formulas.GRADIENTS] += tokens * c.embed_dim * (p.itemsize + 4)
+    return totals

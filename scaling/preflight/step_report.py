@@ -3,10 +3,11 @@
 The target is the local devices, or a TPU slice named by `--topology` (compiled here through
 libtpu's ahead-of-time path, see `scaling.preflight.topology`). From the compiled step come
 the memory each chip needs (XLA's buffer assignment), the matmul FLOPs and the collectives
-(read from the optimised HLO by `scaling.preflight.hlo`, loop trip counts included). The
-collectives are set beside the textbook formulas for data, FSDP and tensor parallelism
-(`analytic_collectives`), and the chip's spec-sheet numbers give an estimated step time and an
-MFU bound.
+(read from the optimised HLO by `scaling.preflight.hlo`, loop trip counts included). FLOPs and
+collectives are set beside the formulas that the model itself provides (see
+`scaling.models.formulas`: the transformer's and the MLP's in their modules, an experiment's
+in its file); for a model without them the report says "no formula for this model" and gives
+no verdict. The chip's spec-sheet numbers give an estimated step time and an MFU bound.
 
 The estimate is max(matmul FLOPs / peak FLOP/s, HBM bytes / HBM bandwidth) + ring bytes /
 interconnect bandwidth: compute and memory traffic overlap, communication is assumed not to
@@ -26,8 +27,9 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from scaling.data import element_spec
 from scaling.errors import DoesNotFit
+from scaling.models import collective_bytes
+from scaling.models.formulas import GRADIENTS, GROUPS, ParamLayout, StepLayout
 from scaling.preflight import hlo, topology
 from scaling.runtime import chips
 from scaling.runtime.workdir import write_json_atomically
@@ -35,8 +37,7 @@ from scaling.training import mesh as mesh_lib
 from scaling.training import run as run_lib
 from scaling.training.state_summary import bytes_per_device, format_bytes
 
-GRADIENTS = "all-reduce + reduce-scatter"   # gradient and activation reductions, one group
-GROUPS = ("all-gather", GRADIENTS, "all-to-all", "collective-permute")
+NO_FORMULA = "no formula for this model"
 # Measured and analytic bytes of each group agree within this fraction of the analytic total.
 TOLERANCE = 0.05
 
@@ -57,8 +58,8 @@ def make_target(topology_name: str | None, config: ml_collections.ConfigDict) ->
         num_slices = math.prod(mesh_lib.dcn_sizes(config.mesh).values())
         devices = topology.compile_only_devices(slice_, num_slices)
         slices = f"{num_slices} slices of " if num_slices > 1 else ""
-        chip_count = _count(slice_.num_chips, "chip")
-        label = f"{slices}{slice_.name} ({slice_.topology_name}, {chip_count})"
+        label = (f"{slices}{slice_.name} ({slice_.topology_name}, "
+                 f"{_count(slice_.num_chips, 'chip')})")
     else:
         devices = jax.devices()
         label = _count(len(devices), f"local {devices[0].platform} device")
@@ -72,13 +73,7 @@ def _count(number: int, noun: str) -> str:
 
 def compile_step(run: run_lib.Run):
     """One training step (a chunk of one batch), lowered and compiled as training runs it."""
-    config = run.config
-    sharding = mesh_lib.batch_sharding(run.mesh, run.rules, leading_dims=1)
-    chunk = {k: jax.ShapeDtypeStruct((1, config.batch_size) + v.shape, v.dtype,
-                                     sharding=sharding)
-             for k, v in element_spec(config).items()}
-    lower = mesh_lib.with_mesh_rules(run.train_steps.inner.lower, run.mesh, run.rules)
-    return lower(run.abstract_state, chunk).compile()
+    return run_lib.lower_train_step(run).compile()
 
 
 def memory_per_device(compiled) -> dict[str, float]:
@@ -96,97 +91,36 @@ def memory_per_device(compiled) -> dict[str, float]:
     return {k: float(v) for k, v in memory.items()}
 
 
-@dataclasses.dataclass
-class _Param:
-    names: list[str]       # path in the params tree
-    leaf: jax.ShapeDtypeStruct
-    axes: set[str]         # mesh axes of size > 1 it is split over
-    unsplit_bytes: float   # once gathered over fsdp, still split over the other axes
-
-
-def _params(run: run_lib.Run) -> list[_Param]:
+def step_layout(run: run_lib.Run, platform: str) -> StepLayout:
+    """The step as a model's collective formula sees it: mesh sizes and, for every param, its
+    shape and the mesh axes (of size > 1) that its sharding splits it over."""
     mesh_shape = dict(run.mesh.shape)
     params = []
     for path, leaf in jax.tree_util.tree_leaves_with_path(run.abstract_state.params):
-        axes = {a for entry in leaf.sharding.spec if entry is not None
-                for a in ((entry,) if isinstance(entry, str) else entry) if mesh_shape[a] > 1}
-        split = math.prod(mesh_shape[a] for a in axes if a != "fsdp")
-        params.append(_Param([getattr(k, "key", str(k)) for k in path], leaf, axes,
-                             math.prod(leaf.shape) * leaf.dtype.itemsize / split))
-    return params
+        split = {a for entry in leaf.sharding.spec if entry is not None
+                 for a in ((entry,) if isinstance(entry, str) else entry) if mesh_shape[a] > 1}
+        params.append(ParamLayout(tuple(str(getattr(k, "key", k)) for k in path),
+                                  tuple(leaf.shape), leaf.dtype.itemsize, frozenset(split)))
+    return StepLayout(mesh_shape, mesh_lib.data_parallel_size(run.mesh, run.rules),
+                      tuple(params), platform)
 
 
-def analytic_collectives(run: run_lib.Run, platform: str) -> dict[str, float]:
-    """Per-device buffer bytes per step that the textbook formulas predict, by group.
-
-    - Data parallelism (and FSDP): the gradient of every parameter is reduced over the batch
-      axes, a buffer of the parameter's size after tensor sharding; with data × fsdp both > 1
-      the FSDP shard is all-reduced over `data` as well.
-    - FSDP: each parameter split over fsdp is all-gathered where it is used: scanned layers in
-      the forward pass and again in the backward pass, the rest once.
-    - Gradient accumulation repeats both of the above for every microbatch: XLA reduces each
-      microbatch's gradients where they are computed, inside the accumulation loop.
-    - Tensor parallelism (transformers): one all-reduce of the layer's activations
-      (tokens × width, compute dtype) per matmul whose contraction is split: per layer two in
-      the forward pass (attention output, MLP down), two in the backward pass where XLA sums
-      the partial input gradients first (TPU) or five where it does not (CPU: query, key,
-      value, gate, up), one more when full remat recomputes the attention output; plus, for a
-      vocabulary split over `tensor`, the embedding lookup (in the table's dtype) and the input
-      gradient of the float32 logits.
-
-    Dtypes follow what XLA does. On TPU, weight matrices are gathered in bfloat16 (or the
-    compute dtype, if narrower; float32 matmuls run on bfloat16 operands by default), and the
-    layers' matrix gradients are reduced in the compute dtype. XLA on CPU computes
-    low-precision matmuls in float32, so everything there moves in the param dtype.
-
-    XLA is free to do otherwise, and the comparison shows where it did: for a small embedding
-    table split over fsdp it sends the looked-up rows by all-to-all instead of gathering the
-    table and reducing its gradient; under full remat on TPU it may gather a layer's weights a
-    third time for the recomputed forward pass; for small batches it may move activations
-    rather than weights.
-    """
-    config, model = run.config, run.config.model
-    mesh_shape = dict(run.mesh.shape)
-    dp = mesh_lib.data_parallel_size(run.mesh, run.rules)
-    transformer = model.get("name") == "transformer"
-    compute_bytes = jax.numpy.dtype(model.get("dtype", "float32")).itemsize
-    tokens = config.batch_size // dp * (config.data.get("seq_len", 0) if transformer else 0)
-    narrow = platform != "cpu"   # TPU (and, untested, GPU) move matrices in low precision
-    totals = dict.fromkeys(GROUPS, 0.0)
-    params = _params(run)
-    for p in params:
-        itemsize = p.leaf.dtype.itemsize
-        fsdp_split, scanned = "fsdp" in p.axes, "layers" in p.names
-        matrix = p.leaf.ndim - scanned >= 2
-        gathered = min(itemsize, compute_bytes, 2) if narrow and matrix else itemsize
-        reduced = compute_bytes if narrow and matrix and scanned else itemsize
-        elements = p.unsplit_bytes / itemsize * config.grad_accum_steps
-        if fsdp_split or dp > 1:
-            totals[GRADIENTS] += elements * reduced
-        if fsdp_split and mesh_shape["data"] > 1:
-            totals[GRADIENTS] += elements * reduced / mesh_shape["fsdp"]
-        if fsdp_split:
-            totals["all-gather"] += (2 if scanned else 1) * elements * gathered
-    if transformer and mesh_shape["tensor"] > 1:
-        backward = 2 if narrow else 5
-        recompute = 1 if model.get("remat_policy") == "full" else 0
-        per_layer = 2 + backward + recompute
-        totals[GRADIENTS] += tokens * model.embed_dim * compute_bytes * per_layer \
-            * model.num_layers
-        for p in params:
-            if p.names == ["embedding"] and "tensor" in p.axes:
-                totals[GRADIENTS] += tokens * model.embed_dim * (p.leaf.dtype.itemsize + 4)
-    return totals
+def analytic_collectives(run: run_lib.Run, platform: str,
+                         experiment=None) -> dict[str, float] | None:
+    """Per-device buffer bytes per step by group, as the model's own formula predicts them;
+    None where the model provides none."""
+    return collective_bytes(run.model, run.config, step_layout(run, platform), experiment)
 
 
-def estimate(counts: hlo.StepCounts, model_flops: float, chip: chips.Chip) -> dict:
+def estimate(counts: hlo.StepCounts, model_flops: float | None, chip: chips.Chip) -> dict:
     compute = counts.matmul_flops / chip.peak_flops
     memory = counts.bytes_accessed / chip.hbm_bandwidth
     communication = counts.wire_bytes() / chip.ici_bandwidth
     step = max(compute, memory) + communication
+    known = model_flops is not None and step
     return {"compute_seconds": compute, "memory_seconds": memory,
             "communication_seconds": communication, "step_seconds": step,
-            "mfu_bound": model_flops / chip.peak_flops / step if step else None}
+            "mfu_bound": model_flops / chip.peak_flops / step if known else None}
 
 
 def measured_groups(counts: hlo.StepCounts) -> dict[str, float]:
@@ -199,7 +133,8 @@ def measured_groups(counts: hlo.StepCounts) -> dict[str, float]:
 
 
 def agrees(measured: dict[str, float], analytic: dict[str, float]) -> bool:
-    """Every group within TOLERANCE of the analytic total."""
+    """Every group within TOLERANCE of the analytic total (ask only where there is a
+    formula: without one there is nothing to agree with)."""
     allowed = TOLERANCE * max(sum(analytic.values()), 1.0)
     return all(abs(measured[g] - analytic[g]) <= allowed for g in GROUPS)
 
@@ -242,7 +177,8 @@ def preflight(config: ml_collections.ConfigDict, target: Target, experiment=None
                                       "peak": state + temporaries}}
     report["compile_seconds"] = time.perf_counter() - start
     counts = hlo.count_step(compiled.as_text())
-    model_flops = run.flops_per_example * config.batch_size / mesh.size
+    model_flops = (None if run.flops_per_example is None
+                   else run.flops_per_example * config.batch_size / mesh.size)
     memory = memory_per_device(compiled)
     return {
         **report,
@@ -252,7 +188,8 @@ def preflight(config: ml_collections.ConfigDict, target: Target, experiment=None
         "loops_without_trip_count": counts.unknown_trip_counts,
         "collectives_per_device": collectives_by_kind(counts),
         "collective_groups": {"measured": measured_groups(counts),
-                              "analytic": analytic_collectives(run, target.platform),
+                              "analytic": analytic_collectives(run, target.platform,
+                                                               experiment),
                               "tolerance": TOLERANCE},
         "estimate": estimate(counts, model_flops, target.chip) if target.chip else None,
         "fits": memory["peak"] <= target.chip.hbm_bytes if target.chip else None,
@@ -312,7 +249,9 @@ def _memory_lines(report: dict) -> list[str]:
 
 def _collective_lines(report: dict) -> list[str]:
     groups = report["collective_groups"]
-    if not any(groups["measured"].values()) and not any(groups["analytic"].values()):
+    analytic = groups["analytic"]
+    if not any(groups["measured"].values()) and analytic is not None \
+            and not any(analytic.values()):
         return ["collectives per device per step: none"]
     lines = ["collectives per device per step (buffer bytes, ring traffic)",
              f"  {'kind':<28} {'ops':>8} {'bytes':>12} {'ring traffic':>14}"]
@@ -321,7 +260,9 @@ def _collective_lines(report: dict) -> list[str]:
             lines.append(f"  {kind:<28} {values['count']:>8g} "
                          f"{format_bytes(values['bytes']):>12} "
                          f"{format_bytes(values['wire_bytes']):>14}")
-    lines += ["  against the analytic DP, FSDP and TP formulas",
+    if analytic is None:
+        return lines + [f"  against the model's formulas: {NO_FORMULA}"]
+    lines += ["  against the model's DP, FSDP and TP formulas",
               f"  {'group':<28} {'measured':>12} {'analytic':>12}"]
     for group in GROUPS:
         measured, analytic = groups["measured"][group], groups["analytic"][group]
@@ -337,11 +278,14 @@ def _collective_lines(report: dict) -> list[str]:
 
 def _compute_lines(report: dict) -> list[str]:
     flops = report["flops_per_device"]
-    ratio = flops["compiled_matmuls"] / flops["model"]
+    if flops["model"] is None:
+        note = f"the model's: {NO_FORMULA}"
+    else:
+        ratio = flops["compiled_matmuls"] / flops["model"]
+        note = (f"{ratio:.2f}x the model's {flops['model']:.3e}"
+                + ("; the excess is recomputation" if ratio > 1.02 else ""))
     lines = ["compute per device per step",
-             _row("matmul FLOPs, compiled", f"{flops['compiled_matmuls']:.3e}",
-                  f"{ratio:.2f}x the model's {flops['model']:.3e}"
-                  + ("; the excess is recomputation" if ratio > 1.02 else "")),
+             _row("matmul FLOPs, compiled", f"{flops['compiled_matmuls']:.3e}", note),
              _row("HBM bytes accessed", format_bytes(report["hbm_bytes_per_device"]))]
     if report["loops_without_trip_count"]:
         lines.append(f"  ({report['loops_without_trip_count']} loops of unknown trip count "

@@ -76,13 +76,15 @@ def _plain(value):
     return value
 
 
-def throughput(examples_per_sec: float, items_per_example: int, flops_per_example: float,
+def throughput(examples_per_sec: float, items_per_example: int, flops_per_example: float | None,
                num_devices: int, peak_flops: float | None) -> dict[str, float]:
     """Examples (and tokens) per second, model TFLOP/s per device and, if the chip is known,
     MFU: achieved analytic FLOP/s over the chip's peak."""
     out = {"examples_per_sec": examples_per_sec}
     if items_per_example > 1:
         out["tokens_per_sec"] = examples_per_sec * items_per_example
+    if flops_per_example is None:  # the model provides no FLOPs formula
+        return out
     flops_per_device = examples_per_sec * flops_per_example / num_devices
     out["tflops_per_device"] = flops_per_device / 1e12
     if peak_flops:

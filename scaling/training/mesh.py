@@ -7,8 +7,9 @@ and the step builder are the only places that touch `jax.sharding`.
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import flax.linen as nn
 import jax
@@ -18,6 +19,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from scaling.errors import UserError
+from scaling.models import axes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -48,7 +50,7 @@ def resolve_axis_sizes(mesh_config: ml_collections.ConfigDict, num_devices: int)
 
 def dcn_sizes(mesh_config: ml_collections.ConfigDict) -> dict:
     """Per-axis parallelism across slices (data-centre network); 1 everywhere in one slice."""
-    sizes = {axis: int(mesh_config.get(f"dcn_{axis}", 1)) for axis in MESH_AXES}
+    sizes = {axis: int(mesh_config[f"dcn_{axis}"]) for axis in MESH_AXES}
     for axis, size in sizes.items():
         if size < 1:
             raise UserError(f"--config.mesh.dcn_{axis}={size}: must be positive")
@@ -109,14 +111,87 @@ def platform(mesh: Mesh | AbstractMesh) -> str | None:
     return mesh.devices.flat[0].platform
 
 
-def rules_from_config(config: ml_collections.ConfigDict) -> tuple:
-    """The config's rules as the tuple of (logical, mesh axes) pairs that flax expects."""
+def _rule_text(logical, physical) -> str:
+    return f"({logical!r}, {physical!r})".replace("'", '"')
+
+
+def _mesh_axes_of(logical, physical) -> tuple[str, ...]:
+    """The mesh axes one rule names (None: replicated, one axis, or a tuple of them), each
+    checked to exist."""
+    if physical is None:
+        return ()
+    if not isinstance(physical, (str, tuple, list)):
+        raise UserError(f"--config.sharding_rules: rule {_rule_text(logical, physical)} must "
+                        "map to a mesh axis, a tuple of them, or None to replicate")
+    names = (physical,) if isinstance(physical, str) else tuple(physical)
+    for name in names:
+        if name not in MESH_AXES:
+            close = difflib.get_close_matches(str(name), MESH_AXES, n=1)
+            hint = f" Did you mean: {close[0]}?" if close else ""
+            raise UserError(f"--config.sharding_rules: rule {_rule_text(logical, physical)} "
+                            f"names {name!r}, which is not a mesh axis; mesh axes: "
+                            f"{', '.join(MESH_AXES)}, or None to replicate.{hint}")
+    if len(set(names)) != len(names):
+        raise UserError(f"--config.sharding_rules: rule {_rule_text(logical, physical)} "
+                        "names a mesh axis twice")
+    return names
+
+
+def rules_from_config(config: ml_collections.ConfigDict,
+                      model_axes: Collection[str] | None = None) -> tuple:
+    """The config's rules as the tuple of (logical, mesh axes) pairs that flax expects.
+
+    Every rule must name a mesh axis (data, fsdp, tensor) or None, the explicit "replicated".
+    With `model_axes`, the logical names the model's params and activations use, the table
+    is also checked against the model: each rule must name a built-in logical axis
+    (`scaling.models.axes`) or one the model uses, and each name the model uses (and
+    `batch`, which the step splits) must have a rule. Flax silently leaves a name with no
+    rule unsharded, so a misspelt rule would otherwise replicate what it meant to split.
+    """
     rules = []
-    for logical, physical in config.sharding_rules:
-        if isinstance(physical, list):
-            physical = tuple(physical)
-        rules.append((logical, physical))
+    for rule in config.sharding_rules:
+        if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
+            raise UserError(f"--config.sharding_rules: rule {rule!r} is not a pair "
+                            "(logical axis, mesh axes or None)")
+        logical, physical = rule
+        _mesh_axes_of(logical, physical)
+        rules.append((logical, tuple(physical) if isinstance(physical, list) else physical))
+    if model_axes is not None:
+        check_rules_cover(tuple(rules), model_axes)
     return tuple(rules)
+
+
+def check_rules_cover(rules: tuple, model_axes: Collection[str]) -> None:
+    """Refuse rules that name no known logical axis, and used names that have no rule."""
+    used = set(model_axes) | {axes.BATCH}
+    known = sorted(set(axes.LOGICAL_AXES) | used)
+    for logical, physical in rules:
+        if logical not in known:
+            close = difflib.get_close_matches(logical, known, n=1)
+            hint = f" Did you mean: {close[0]}?" if close else ""
+            raise UserError(f"--config.sharding_rules: rule {_rule_text(logical, physical)} "
+                            f"names no logical axis; known: {', '.join(known)}.{hint}")
+    covered = {logical for logical, _ in rules}
+    missing = sorted(used - covered)
+    if missing:
+        raise UserError(
+            f"--config.sharding_rules: no rule for the logical axis {missing[0]!r}, which the "
+            f"model uses{' (as do ' + ', '.join(missing[1:]) + ')' if missing[1:] else ''}; "
+            f"add a rule such as (\"{missing[0]}\", \"fsdp\") to split it, or "
+            f"(\"{missing[0]}\", None) to replicate it")
+
+
+def logical_names(tree) -> set[str]:
+    """The logical axis names in a tree boxed by `nn.with_logical_partitioning`."""
+    specs = jax.tree_util.tree_leaves(nn.get_partition_spec(tree),
+                                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+    names = set()
+    for spec in specs:
+        if isinstance(spec, PartitionSpec):
+            for entry in spec:
+                entries = entry if isinstance(entry, tuple) else (entry,)
+                names.update(e for e in entries if isinstance(e, str))
+    return names
 
 
 def batch_axes(rules: tuple) -> tuple[str, ...]:

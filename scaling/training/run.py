@@ -22,7 +22,7 @@ import optax
 from scaling.data import dataset as dataset_lib
 from scaling.data import element_spec, load_dataset
 from scaling.errors import UserError
-from scaling.models import make_model, training_flops_per_example
+from scaling.models import axes, make_model, training_flops_per_example
 from scaling.training import compiler_options
 from scaling.training import mesh as mesh_lib
 from scaling.training.optimizer import make_optimizer
@@ -45,7 +45,7 @@ class Run:
     state_shardings: Any
     abstract_state: Any
     init: Callable[[], TrainState]
-    flops_per_example: float   # analytic training FLOPs, for TFLOP/s and MFU
+    flops_per_example: float | None  # the model's analytic training FLOPs (None: no formula)
     items_per_example: int     # tokens (or images) per example, for throughput
     train_steps: Callable      # (state, chunk of k batches) -> (state, per-step metrics)
     evaluate_chunk: Callable   # (params, padded eval chunk) -> summed metrics
@@ -71,7 +71,7 @@ NAN_POLICIES = ("abort", "skip")
 
 
 def nan_policy(config: ml_collections.ConfigDict) -> str:
-    policy = config.get("nan_policy", "abort")
+    policy = config.nan_policy
     if policy not in NAN_POLICIES:
         raise UserError(f"--config.nan_policy={policy}: expected one of "
                         f"{', '.join(NAN_POLICIES)}")
@@ -101,7 +101,10 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), rng=state_rng)
 
-    boxed = jax.eval_shape(init_boxed)
+    with axes.recording() as activation_axes:  # the init traces the forward pass once
+        boxed = jax.eval_shape(init_boxed)
+    # Every logical name the model uses, in params or activations, must have a rule.
+    mesh_lib.rules_from_config(config, mesh_lib.logical_names(boxed) | activation_axes)
     state_shardings = mesh_lib.logical_shardings(boxed, mesh, rules)
     init = mesh_lib.with_mesh_rules(
         jax.jit(lambda: nn.meta.unbox(init_boxed()), out_shardings=state_shardings),
@@ -134,8 +137,8 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
         config=config, mesh=mesh, rules=rules, model=model, task=task, total_steps=total,
         steps_per_epoch=per_epoch, schedule=schedule, state_shardings=state_shardings,
         abstract_state=abstract_state, init=init,
-        flops_per_example=training_flops_per_example(model, abstract_state.params,
-                                                     element_spec),
+        flops_per_example=training_flops_per_example(model, config, abstract_state.params,
+                                                     experiment),
         items_per_example=task.items_per_example(element_spec),
         train_steps=mesh_lib.with_mesh_rules(
             jax.jit(train_steps, in_shardings=(state_shardings, chunk_sharding),
@@ -146,6 +149,19 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
             jax.jit(evaluate_chunk, in_shardings=(state_shardings.params, chunk_sharding),
                     out_shardings=replicated, compiler_options=xla_options or None),
             mesh, rules))
+
+
+def lower_train_step(run: Run, steps_per_call: int = 1) -> jax.stages.Lowered:
+    """`run.train_steps` lowered as training calls it, for a chunk of `steps_per_call` global
+    batches given by shape: with the mesh and the logical axis rules in scope, without which
+    the models' activation constraints are silently dropped. Preflight and the tests that
+    read collectives or shardings all lower through here, so they see the real program."""
+    sharding = mesh_lib.batch_sharding(run.mesh, run.rules, leading_dims=1)
+    chunk = {k: jax.ShapeDtypeStruct((steps_per_call, run.config.batch_size) + v.shape,
+                                     v.dtype, sharding=sharding)
+             for k, v in element_spec(run.config).items()}
+    lower = mesh_lib.with_mesh_rules(run.train_steps.inner.lower, run.mesh, run.rules)
+    return lower(run.abstract_state, chunk)
 
 
 def put_chunk(run: Run, chunk: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -192,6 +208,8 @@ def describe(config: ml_collections.ConfigDict, num_devices: int, experiment=Non
     """`--mode=describe`: the state table for a mesh of any size, built from shapes alone."""
     mesh = mesh_lib.make_abstract_mesh(config.mesh, num_devices)
     run = build_run_from_shapes(config, mesh, experiment)
+    if run.flops_per_example is None:
+        return state_table(run.abstract_state, mesh) + "\ntraining FLOPs: no formula for this model"
     per_step = run.flops_per_example * config.batch_size
     return (state_table(run.abstract_state, mesh) + "\n"
             f"training FLOPs per step {per_step:.3e} ({per_step / num_devices:.3e} a device)")
