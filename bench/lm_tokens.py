@@ -42,8 +42,9 @@ import scaling.config.experiments
 import scaling.training.loop
 import scaling.training.run
 from scaling.data import dataset as dataset_lib
-from scaling.models.transformer import TransformerConfig, count_params
+from scaling.models.transformer import TransformerConfig
 from scaling.runtime import platforms
+from scaling.training.state_summary import parameter_count
 
 EXPERIMENT = "shakespeare_char_lm"
 DATA_DIR = Path("/work/shared/datasets/tiny_shakespeare")
@@ -84,7 +85,7 @@ def bench_framework(num_steps: int) -> dict[str, Any]:
     seq_len = run.items_per_example
     return {"config": config, "model_config": run.model.config, "chunks": chunks,
             "init_params": init_params, "losses": np.concatenate(losses).tolist(),
-            "param_count": count_params(init_params), "seq_len": seq_len,
+            "param_count": parameter_count(init_params), "seq_len": seq_len,
             "flops_per_token": run.flops_per_example / seq_len,
             "call_seconds": seconds[WARMUP_CALLS:], "compile_call_seconds": seconds[0],
             "call_page_faults": faults[WARMUP_CALLS:], "steps_per_call": k}

@@ -18,10 +18,10 @@ from scaling.models.transformer import (
     Transformer,
     TransformerConfig,
     apply_rope,
-    count_params,
     flops_per_token,
     init_cache,
 )
+from scaling.training.state_summary import parameter_count
 
 TINY = TransformerConfig(vocab_size=37, num_layers=2, embed_dim=16, num_heads=4,
                          num_kv_heads=2, head_dim=8, mlp_dim=24, max_seq_len=16)
@@ -84,7 +84,7 @@ def test_grouped_query_attention_has_smaller_key_value_kernels():
     assert params["query"].shape == (n, D, TINY.num_heads, Dh)
     assert params["key"].shape == params["value"].shape == (n, D, TINY.num_kv_heads, Dh)
     multi_head = dataclasses.replace(TINY, num_kv_heads=TINY.num_heads)
-    assert count_params(init_params(multi_head)) > count_params(init_params(TINY))
+    assert parameter_count(init_params(multi_head)) > parameter_count(init_params(TINY))
 
 
 def test_num_kv_heads_must_divide_num_heads():
@@ -98,7 +98,7 @@ def test_tied_embeddings_have_no_output_kernel():
     assert "output" not in tied
     assert untied["output"].shape == (TINY.embed_dim, TINY.vocab_size)
     assert set(untied) - set(tied) == {"output"}
-    assert count_params(untied) - count_params(tied) == TINY.embed_dim * TINY.vocab_size
+    assert parameter_count(untied) - parameter_count(tied) == TINY.embed_dim * TINY.vocab_size
 
 
 def test_scanned_layers_have_leading_layers_axis_and_name():
@@ -250,8 +250,8 @@ def test_flops_per_token_by_hand():
 
 def test_count_params_accepts_abstract_and_boxed_trees():
     abstract = jax.eval_shape(lambda: Transformer(TINY).init(jax.random.key(0), tokens()))
-    n = count_params(abstract)
-    assert n == count_params(init_params(TINY))
+    n = parameter_count(abstract)
+    assert n == parameter_count(init_params(TINY))
     norms = (2 * TINY.num_layers + 1) * TINY.embed_dim
     embedding = TINY.vocab_size * TINY.embed_dim
     matmuls = (flops_per_token(TINY, 0) / 6) - embedding  # output projection is tied

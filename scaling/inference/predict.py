@@ -117,11 +117,10 @@ class Predictor:
 
 
 def load_predictor(config: ml_collections.ConfigDict, workdir: Path,
-                   requested_step: int | None = None, experiment=None,
-                   devices=None) -> Predictor:
+                   requested_step: int | None = None, experiment=None) -> Predictor:
     """Restore a checkpoint's params (the latest unless `requested_step`) and compile the
     prediction function for its mesh; the dataset and the optimizer are never touched."""
-    restored = restore.load(config, workdir, requested_step, experiment, devices)
+    restored = restore.load(config, workdir, requested_step, experiment)
     mesh, rules = restored.mesh, restored.rules
     restore.check_batch_divisible(config, mesh, rules)
     outputs = mesh_lib.with_mesh_rules(

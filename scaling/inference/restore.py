@@ -57,10 +57,9 @@ class ModelSpec:
     abstract_params: Any  # ShapeDtypeStructs carrying their target shardings
 
 
-def model_spec(config: ml_collections.ConfigDict, experiment=None,
-               devices=None) -> ModelSpec:
+def model_spec(config: ml_collections.ConfigDict, experiment=None) -> ModelSpec:
     """Mesh, model and abstract params from the config alone: no data, no optimizer."""
-    mesh = mesh_lib.make_mesh(config.mesh, devices)
+    mesh = mesh_lib.make_mesh(config.mesh)
     rules = mesh_lib.rules_from_config(config)
     model = make_model(config, experiment)
     task = get_task(config.task)
@@ -134,13 +133,13 @@ def restore_params(manager: checkpoint.Checkpoints, step: int, abstract_params) 
 
 
 def load(config: ml_collections.ConfigDict, workdir: Path, requested_step: int | None = None,
-         experiment=None, devices=None) -> Restored:
+         experiment=None) -> Restored:
     """The model and the params of a checkpoint (the latest unless `requested_step`)."""
     workdir = Path(workdir)
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
     try:
         step = checkpoint_step(manager, requested_step, workdir)
-        spec = model_spec(config, experiment, devices)
+        spec = model_spec(config, experiment)
         params = restore_params(manager, step, spec.abstract_params)
     finally:
         manager.close()

@@ -43,7 +43,6 @@ logits run in float32 because they lose the most precision in bfloat16.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -356,11 +355,6 @@ def init_cache(model: Transformer, batch_size: int) -> dict:
     abstract = jax.eval_shape(
         lambda t: model.init(jax.random.key(0), t, decode=True)["cache"], tokens)
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.meta.unbox(abstract))
-
-
-def count_params(params: Any) -> int:
-    """Total parameter count; accepts boxed or plain trees, of arrays or shape structs."""
-    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nn.meta.unbox(params)))
 
 
 def flops_per_token(config: TransformerConfig, seq_len: int) -> float:

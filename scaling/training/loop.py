@@ -135,14 +135,14 @@ def _train_loop(run: Run, dataset, state, step: int, manager, logger, writer, pr
     return state, step
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: Path, experiment=None,
-                        devices=None) -> dict[str, dict[str, float]]:
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: Path, experiment=None
+                        ) -> dict[str, dict[str, float]]:
     """`--mode=eval`: the latest checkpoint, evaluated on every eval split."""
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
     if manager.latest_step() is None:
         raise UserError(f"--workdir={workdir}: no checkpoint to evaluate in "
                         f"{Path(workdir) / 'checkpoints'}; train first with --mode=train")
-    run, dataset = setup(config, experiment, devices)
+    run, dataset = setup(config, experiment)
     state = checkpoint.restore(manager, run.abstract_state)
     step = int(jax.device_get(state.step))
     writer = MetricsWriter(workdir, resume_step=2**62)
