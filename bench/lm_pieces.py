@@ -107,7 +107,7 @@ def pieces() -> dict[str, tuple[Callable, Callable, list[np.ndarray]]]:
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
     x_BLD = normal(B, L, D)
-    causal_LS = np.tril(np.ones((L, L), bool))
+    causal_1LS = np.tril(np.ones((L, L), bool))[None]  # one mask shared by every row
     q_BKMDh, k_BKSDh, v_BKSDh = normal(B, K, G * L, Dh), normal(B, K, L, Dh), normal(B, K, L, Dh)
 
     def torch_attention(q, k, v):
@@ -135,10 +135,10 @@ def pieces() -> dict[str, tuple[Callable, Callable, list[np.ndarray]]]:
     logits_TV, labels_T = normal(B * L, c.vocab_size), rng.integers(0, c.vocab_size, B * L)
     return {
         "attention core (causal GQA)": (
-            lambda q, k, v: attend(q, k, v, causal_LS), torch_attention,
+            lambda q, k, v: attend(q, k, v, causal_1LS), torch_attention,
             [q_BKMDh, k_BKSDh, v_BKSDh]),
         "attention core, autodiff": (
-            lambda q, k, v: attend.fun(q, k, v, causal_LS), torch_attention,
+            lambda q, k, v: attend.fun(q, k, v, causal_1LS), torch_attention,
             [q_BKMDh, k_BKSDh, v_BKSDh]),
         "SwiGLU MLP": (mlp, torch_mlp, mlp_params + [x_BLD]),
         "dense (B·L, D) @ (D, F)": (jnp.matmul, torch.matmul,

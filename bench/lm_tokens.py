@@ -41,7 +41,7 @@ from results import Check, Contender, write_results
 import scaling.config.experiments
 import scaling.training.loop
 import scaling.training.run
-from scaling.data import dataset as dataset_lib
+from scaling.data.loader import TrainLoader
 from scaling.models.transformer import TransformerConfig
 from scaling.runtime import platforms
 from scaling.training.state_summary import parameter_count
@@ -70,9 +70,12 @@ def bench_framework(num_steps: int) -> dict[str, Any]:
     run, dataset = scaling.training.run.setup(config, module)
     state = run.init()
     init_params = jax.device_get(state.params)  # before the first call donates the state
-    chunks = [dataset_lib.train_chunk(dataset.train, config.seed, i * k, k, config.batch_size)
-              for i in range(WARMUP_CALLS + num_calls)]
-    placed = [scaling.training.run.put_chunk(run, chunk) for chunk in chunks]
+    rows = np.arange(config.batch_size)  # one process: every row of every batch
+    loader = TrainLoader(dataset, config.seed, config.batch_size, rows, 0,
+                         (WARMUP_CALLS + num_calls) * k, prefetch_steps=0)
+    chunks = [loader.next(k) for _ in range(WARMUP_CALLS + num_calls)]
+    placed = [scaling.training.run.put_local_chunk(run, chunk, rows, config.batch_size)
+              for chunk in chunks]
 
     seconds, faults, losses = [], [], []
     for chunk in placed:

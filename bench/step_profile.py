@@ -32,7 +32,6 @@ from results import Contender, write_results
 import scaling.config.experiments
 import scaling.training.loop
 import scaling.training.run
-from scaling.data import dataset as dataset_lib
 from scaling.runtime import platforms
 
 PARTS = ("attention_norm", "mlp_norm", "final_norm", "attention", "mlp", "embedding",
@@ -65,8 +64,8 @@ def profile(config, module, calls: int) -> tuple[dict[str, float], float]:
     run, dataset = scaling.training.run.setup(config, module)
     state = run.init()
     k = config.steps_per_call
-    chunks = [scaling.training.run.put_chunk(run, dataset_lib.train_chunk(
-        dataset.train, config.seed, i * k, k, config.batch_size)) for i in range(calls + 1)]
+    chunks = [scaling.training.run.put_train_chunk(run, dataset, i * k, k)
+              for i in range(calls + 1)]
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
         names = op_names(run.train_steps.inner.lower(state, chunks[0]).compile().as_text())
     state = jax.block_until_ready(run.train_steps(state, chunks[0]))[0]  # compiles

@@ -3,7 +3,12 @@
 16 layers, width 2048, 32 query and 8 key/value heads of 64, SwiGLU 8192, vocabulary
 128256 with tied embeddings; bfloat16 compute over float32 params, saving matmul outputs.
 
-    python -m scaling.main --experiment=lm_1b --config.data.tokenizer_model=PATH.model
+    tfds build lm1b --file_format=array_record --data_dir=gs://BUCKET/tfds   # once
+    python -m scaling.main --experiment=lm_1b --mode=prepare \
+        --config.data.tfds_data_dir=gs://BUCKET/tfds --config.data.tokenizer_model=tokenizer.json \
+        --config.data.prepared_dir=/mnt/shared/lm_1b --config.data.prepare_workers=64
+    python -m scaling.main --experiment=lm_1b --config.data.tfds_data_dir=gs://BUCKET/tfds \
+        --config.data.tokenizer_model=tokenizer.json --config.data.prepared_dir=/mnt/shared/lm_1b
     python -m scaling.main --experiment=lm_1b --mode=describe --num_devices=16
 
 Hardware: TPU v5p-32 (16 chips), or 8-16 H100/H200, with the documented mesh fsdp=16 and a
@@ -11,7 +16,11 @@ global batch of 256 sequences of 2048 tokens (0.5M tokens a step). Params and Ad
 13.8 GiB in all, 0.9 GiB a chip on 16 chips. `--mode=preflight --topology=v5p-32` on a CPU
 compiles the step to a peak of 71.4 GiB a chip of the 95 GiB. A v5e-16 (16 GiB a chip) needs
 `--config.grad_accum_steps=8`: 11.0 GiB (the whole batch at once needs 56 GiB).
-Expected: the loss depends on your corpus and SentencePiece model; this file fixes the shapes.
+Data: TFDS `lm1b` (the One Billion Word benchmark, 30M sentences, each a document), tokenized
+once by --mode=prepare into sharded ArrayRecord files on a filesystem every host mounts,
+documents packed into windows with attention kept within each.
+Expected: the loss depends on the tokenizer and the steps you can afford; this file fixes the
+shapes.
 On a CPU it builds abstractly (shapes, shardings, a lowered step) without allocating.
 """
 
@@ -23,10 +32,12 @@ def get_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         "task": "language_modeling",
         "data": {
-            "name": "tiny_shakespeare",   # the text corpus; see scaling/data/text.py
-            "tokenizer": "sentencepiece",
-            "tokenizer_model": "",        # a SentencePiece .model with <= vocab_size pieces
+            "name": "corpus",
+            "sources": ("tfds:lm1b",),    # ArrayRecord under --config.data.tfds_data_dir
+            "tokenizer": "huggingface",
+            "tokenizer_model": "",        # Llama 3's tokenizer.json (128,256 ids)
             "seq_len": seq_len,
+            "eval_max_windows": 4096,     # evaluate on the first 4096 validation windows
         },
         "model": {
             "name": "transformer",

@@ -3,7 +3,12 @@
 32 layers, width 4096, 32 query and 8 key/value heads of 128, SwiGLU 14336, vocabulary
 128256 with an untied output; bfloat16 compute over float32 params, full remat per layer.
 
-    python -m scaling.main --experiment=lm_8b --config.data.tokenizer_model=PATH.model
+    tfds build c4/en --file_format=array_record --data_dir=gs://BUCKET/tfds   # once
+    python -m scaling.main --experiment=lm_8b --mode=prepare \
+        --config.data.tfds_data_dir=gs://BUCKET/tfds --config.data.tokenizer_model=tokenizer.json \
+        --config.data.prepared_dir=/mnt/shared/lm_8b --config.data.prepare_workers=64
+    python -m scaling.main --experiment=lm_8b --config.data.tfds_data_dir=gs://BUCKET/tfds \
+        --config.data.tokenizer_model=tokenizer.json --config.data.prepared_dir=/mnt/shared/lm_8b
     python -m scaling.main --experiment=lm_8b --mode=describe --num_devices=64
 
 Hardware: TPU v5p-128 (64 chips, 95 GiB each) with the documented mesh fsdp=16 x tensor=4
@@ -11,7 +16,11 @@ and a global batch of 512 sequences of 4096 tokens (2M tokens a step) in 4 micro
 or 8 nodes of 8 H100/H200 with the same mesh. Params and AdamW state: 89.8 GiB in all,
 1.4 GiB a chip. `--mode=preflight --topology=v5p-128` compiles the step for that slice on a
 CPU: a peak of 32.8 GiB a chip of the 95 GiB (without microbatches it needs 109.4 GiB).
-Expected: the loss depends on your corpus and SentencePiece model; this file fixes the shapes.
+Data: TFDS `c4/en` (365M web documents), tokenized once by --mode=prepare into sharded
+ArrayRecord files on a filesystem every host mounts (NFS, GCSFuse),
+documents packed into windows with attention kept within each.
+Expected: the loss depends on the tokenizer and the steps you can afford; this file fixes the
+shapes.
 On a CPU it builds abstractly (shapes, shardings, a lowered step) without allocating.
 """
 
@@ -23,10 +32,12 @@ def get_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         "task": "language_modeling",
         "data": {
-            "name": "tiny_shakespeare",   # the text corpus; see scaling/data/text.py
-            "tokenizer": "sentencepiece",
-            "tokenizer_model": "",        # a SentencePiece .model with <= vocab_size pieces
+            "name": "corpus",
+            "sources": ("tfds:c4/en",),   # ArrayRecord under --config.data.tfds_data_dir
+            "tokenizer": "huggingface",
+            "tokenizer_model": "",        # Llama 3's tokenizer.json (128,256 ids)
             "seq_len": seq_len,
+            "eval_max_windows": 4096,     # evaluate on the first 4096 validation windows
         },
         "model": {
             "name": "transformer",

@@ -23,7 +23,13 @@ def get_config() -> ml_collections.ConfigDict:
     seq_len = 128
     return ml_collections.ConfigDict({
         "task": "language_modeling",
-        "data": {"name": "tiny_shakespeare", "tokenizer": "char", "seq_len": seq_len},
+        "data": {
+            "name": "tiny_shakespeare",
+            "tokenizer": "char",
+            "seq_len": seq_len,
+            "packing": "concat",          # one document per split: nothing to mask
+            "prepare_if_missing": True,   # 1 MB: prepared in a second at the first start
+        },
         "model": {
             "name": "transformer",
             "vocab_size": 128,       # covers the 65 characters; a multiple of 8 for sharding

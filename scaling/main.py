@@ -25,7 +25,7 @@ flags.DEFINE_string("experiment", None,
 flags.DEFINE_string("workdir", None,
                     "Directory for config.json, metrics.jsonl, checkpoints and TensorBoard "
                     "events. Default: runs/EXPERIMENT under the current directory.")
-flags.DEFINE_string("mode", "train", "One of: train, eval, sample, describe, predict, "
+flags.DEFINE_string("mode", "train", "One of: train, eval, sample, describe, predict, prepare, "
                     "export, preflight.")
 flags.DEFINE_string("prompt", "\n", "--mode=sample: the text to continue.")
 flags.DEFINE_integer("max_new_tokens", None, "--mode=sample: tokens to generate "
@@ -97,6 +97,7 @@ class Mode:
     run: Callable[[Any, Path, Any], None]   # (config, workdir, experiment)
     records_start: bool = True   # appends to provenance.jsonl and guards the model config
     reads_ahead: bool = False    # starts reading the dataset while the framework imports
+    needs_jax: bool = True       # False: runs before JAX is imported, with no workdir
 
 
 def run_train(config, workdir: Path, experiment) -> None:
@@ -133,6 +134,18 @@ def run_export(config, workdir: Path, experiment) -> None:
         checkpoint_step=FLAGS.checkpoint_step), experiment), flush=True)
 
 
+def run_prepare(config, workdir: Path | None, experiment) -> None:
+    from scaling.data import TEXT_DATASETS
+    from scaling.data import prepare as prepare_lib
+
+    if config.data.name not in TEXT_DATASETS:
+        raise UserError(f"--mode=prepare tokenizes a text corpus; {config.experiment} trains "
+                        f"on {config.data.name}, which needs no preparing")
+    prepare_lib.prepare(config)
+    print(f"prepared in {prepare_lib.corpus_root(config)}; train with: python -m scaling.main "
+          f"--experiment={FLAGS.experiment}", flush=True)
+
+
 def run_preflight(config, workdir: Path, experiment) -> None:
     from scaling.preflight import step_report
 
@@ -147,6 +160,7 @@ MODES = {
     "predict": Mode(run_predict, reads_ahead=True),
     "export": Mode(run_export),
     "preflight": Mode(run_preflight, records_start=False),  # compiles for other hardware
+    "prepare": Mode(run_prepare, records_start=False, needs_jax=False),
 }
 
 
@@ -183,6 +197,9 @@ def run(argv: list[str]) -> None:
         startup_gc.pause()  # until the first step is reported (scaling/runtime/startup_gc.py)
     config, experiment = config_lib.load_config(FLAGS.experiment, _overrides)
     profiling.parse_steps(FLAGS.profile_steps, FLAGS.mode)  # a bad window fails before work
+    if not mode.needs_jax:
+        mode.run(config, None, experiment)
+        return
     if mode.reads_ahead:
         from scaling.data import read_ahead
 

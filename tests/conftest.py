@@ -33,6 +33,14 @@ def compilation_cache_dir(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="session", autouse=True)
+def prepared_corpora_dir(tmp_path_factory) -> Path:
+    """Corpora prepared by the tests' runs go to a folder of this session, never ~/.cache."""
+    directory = tmp_path_factory.mktemp("corpora")
+    os.environ["SCALING_DATA_DIR"] = str(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_idx_dir(tmp_path_factory) -> Path:
     """A learnable MNIST-format dataset: the label is written into the image's brightness."""

@@ -7,6 +7,7 @@ from conftest import FASHION_MNIST_DIR, write_idx
 
 from scaling.data import dataset as dataset_lib
 from scaling.data import idx, idx_read_ahead, images
+from scaling.data import loader as loader_lib
 from scaling.errors import UserError
 
 
@@ -95,20 +96,27 @@ def test_an_epoch_visits_distinct_examples_and_reshuffles():
     assert not np.array_equal(epoch0, epoch1)
 
 
-def test_train_chunk_stacks_consecutive_steps():
-    data = {"x": np.arange(50)}
-    chunk = dataset_lib.train_chunk(data, seed=1, start_step=7, num_steps=3, batch_size=5)
-    assert chunk["x"].shape == (3, 5)
-    np.testing.assert_array_equal(chunk["x"][2], dataset_lib.train_indices(1, 9, 5, 50))
+def in_memory(data, eval_data=None):
+    return dataset_lib.ArrayDataset(name="toy", train=data, eval_splits={"test": eval_data},
+                                    label_names=(), source="")
 
 
-def test_eval_chunk_covers_every_example_exactly_once():
-    data = {"x": np.arange(1, 1001), "label": np.zeros(1000, np.int32)}
-    chunk = dataset_lib.eval_chunk(data, batch_size=64)
-    assert chunk["x"].shape == (16, 64)
-    real = chunk["x"][chunk["mask"]]
+def test_the_loader_stacks_consecutive_steps_of_the_local_rows():
+    dataset = in_memory({"x": np.arange(50)})
+    rows = np.array([0, 3, 4])
+    loader = loader_lib.TrainLoader(dataset, 1, 5, rows, 7, 10, prefetch_steps=2)
+    chunk = loader.next(3)
+    assert chunk["x"].shape == (3, 3)
+    np.testing.assert_array_equal(chunk["x"][2], dataset_lib.train_indices(1, 9, 5, 50)[rows])
+
+
+def test_eval_chunks_cover_every_example_exactly_once():
+    dataset = in_memory({"x": np.arange(3)},
+                        {"x": np.arange(1, 1001), "label": np.zeros(1000, np.int32)})
+    chunks = list(loader_lib.eval_chunks(dataset, "test", 64, np.arange(64)))
+    assert [c["x"].shape for c in chunks] == [(16, 64)]
+    real = chunks[0]["x"][chunks[0]["mask"]]
     np.testing.assert_array_equal(np.sort(real), np.arange(1, 1001))
-    assert not chunk["x"][~chunk["mask"]].any()
 
 
 def test_read_ahead_gives_the_same_arrays_and_is_claimed_once(tiny_idx_dir):

@@ -57,7 +57,8 @@ def lm_run(tmp_path_factory, shakespeare_dir):
     data.mkdir()
     shutil.copy(shakespeare_dir / "input.txt", data / "input.txt")
     args = ["--experiment=shakespeare_char_lm", f"--workdir={workdir}",
-            f"--config.data.manual_dir={data}", *LM]
+            f"--config.data.manual_dir={data}", f"--config.data.prepared_dir={root / 'corpus'}",
+            *LM]
     trained = run_cli(*args)
     assert trained.returncode == 0, trained.stderr
     sampling = [*args, "--mode=sample", "--prompt=ROMEO:", "--max_new_tokens=24",
@@ -65,6 +66,7 @@ def lm_run(tmp_path_factory, shakespeare_dir):
     with_corpus = run_cli(*sampling)
     assert with_corpus.returncode == 0, with_corpus.stderr
     shutil.rmtree(data)
+    shutil.rmtree(root / "corpus")  # the prepared corpus too: nothing of the text is left
     return {"args": args, "workdir": workdir, "data": data, "sampling": sampling,
             "with_corpus": printed_text(with_corpus.stdout)}
 
@@ -114,7 +116,7 @@ def test_export_without_a_held_out_sample_says_the_check_was_skipped(mlp_run, tm
 def test_sampling_uses_the_saved_tokenizer_after_the_corpus_is_gone(lm_run):
     assert not lm_run["data"].exists()
     saved = load_tokenizer(lm_run["workdir"] / TOKENIZER_DIR)
-    assert saved.vocab_size == 65
+    assert saved.vocab_size == 65 + 1  # the characters and the end-of-document id
     first = run_cli(*lm_run["sampling"])
     again = run_cli(*lm_run["sampling"])
     assert first.returncode == 0, first.stderr
@@ -128,7 +130,8 @@ def test_a_workdir_without_a_saved_tokenizer_needs_its_corpus(lm_run, tmp_path):
     shutil.copytree(lm_run["workdir"], legacy)
     shutil.rmtree(legacy / TOKENIZER_DIR)
     config, module = config_lib.load_config(
-        "shakespeare_char_lm", overrides(LM, lm_run["data"]))
+        "shakespeare_char_lm", overrides(LM, lm_run["data"])
+        + [f"data.prepared_dir={lm_run['data'].parent / 'corpus'}"])
     options = sample.SampleOptions("ROMEO:", 4, 0.0, 0, 0)
     with pytest.raises(UserError, match="no saved tokenizer.*re-run training"):
         sample.sample_from_checkpoint(config, legacy, options, module)

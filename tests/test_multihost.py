@@ -1,5 +1,6 @@
 """Several processes on one machine, as a double of a multi-host pod, through launch/local.py."""
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,3 +146,69 @@ def test_dry_run_prints_each_process_command():
         f" -m scaling.main --experiment=mnist_mlp '--config.model.hidden_sizes=(64, 64)' "
         f"'--workdir=/tmp/a b;rm -rf ~' --coordinator_address=127.0.0.1:12345 "
         f"--num_processes=2 --process_id={i} --distributed_timeout=9" for i in range(2)]
+
+
+CORPUS = ["--experiment=python_code_lm", "--config.log_every_steps=1",
+          "--config.steps_per_call=2", "--config.eval_every_steps=1000000",
+          "--config.checkpoint_every_steps=4", "--config.batch_size=16",
+          "--config.eval_batch_size=16", "--config.data.eval_max_windows=32",
+          "--config.optimizer.warmup_steps=2", "--config.model.num_layers=1",
+          "--config.model.embed_dim=32", "--config.model.num_heads=2",
+          "--config.model.num_kv_heads=1", "--config.model.head_dim=16",
+          "--config.model.mlp_dim=64", "--config.data.seq_len=32",
+          "--config.model.max_seq_len=32"]
+
+
+@pytest.fixture(scope="module")
+def corpus_args(tmp_path_factory):
+    """A corpus of several shards, prepared once (packed with document boundaries)."""
+    from test_corpus import write_documents
+
+    from scaling.config import experiments as config_lib
+    from scaling.data import prepare, text_sources
+
+    root = tmp_path_factory.mktemp("corpus")
+    write_documents(root / "docs", count=80)
+    args = [f"--config.data.sources=text:{root}/docs/**/*.txt",
+            f"--config.data.prepared_dir={root / 'prepared'}",
+            "--config.data.validation_fraction=0.1"]
+    unit_bytes, text_sources.MIN_UNIT_BYTES = text_sources.MIN_UNIT_BYTES, 3000
+    try:
+        config = config_lib.load_config(
+            "python_code_lm", [a.removeprefix("--config.") for a in CORPUS[1:] + args])[0]
+        (manifest,) = prepare.prepare(config).values()
+    finally:
+        text_sources.MIN_UNIT_BYTES = unit_bytes
+    assert len(manifest["splits"]["train"]["shards"]) >= 4
+    return [*CORPUS, *args]
+
+
+def launch_corpus(workdir, num_processes, devices_per_process, *args):
+    result = subprocess.run(
+        [sys.executable, str(LAUNCHER), f"--num_processes={num_processes}",
+         f"--devices_per_process={devices_per_process}", "--timeout=30", "--",
+         *args, f"--workdir={workdir}"],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_a_corpus_trains_alike_on_one_and_two_processes_and_resumes_across(
+        tmp_path, corpus_args):
+    launch_corpus(tmp_path / "one", 1, 8, *corpus_args, "--config.num_steps=12")
+    straight = train_losses(tmp_path / "one")
+    assert sorted(straight) == list(range(1, 13))
+    launch_corpus(tmp_path / "two", 2, 4, *corpus_args, "--config.num_steps=12")
+    for workdir in ("two",):
+        losses = train_losses(tmp_path / workdir)
+        for step, loss in straight.items():
+            assert losses[step] == pytest.approx(loss, rel=1e-5), (workdir, step)
+    # Stopped at step 8 on two processes, resumed on one: the same batches from there on.
+    launch_corpus(tmp_path / "moved", 2, 4, *corpus_args, "--config.num_steps=12",
+                  "--config.checkpoint_every_steps=8")
+    shutil.rmtree(tmp_path / "moved" / "checkpoints" / "12")
+    result = launch_corpus(tmp_path / "moved", 1, 8, *corpus_args, "--config.num_steps=12")
+    assert "resumed at step 8" in result.stdout
+    losses = train_losses(tmp_path / "moved")
+    for step, loss in straight.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-5), ("moved", step)

@@ -72,10 +72,10 @@ def test_skip_leaves_params_and_optimizer_state_unchanged(tmp_path, poisoned):
         str(experiment), [f"data.manual_dir={data_dir}", "nan_policy=skip", *ARGS])
     run, dataset = run_lib.setup(config, module, devices=jax.devices()[:1])
     state = run.init()
-    before = run_lib.put_train_chunk(run, dataset.train, 0, bad_step - 1)
+    before = run_lib.put_train_chunk(run, dataset, 0, bad_step - 1)
     state, _ = run.train_steps(state, before)
     params, opt_state = jax.device_get((state.params, state.opt_state))
-    state, metrics = run.train_steps(state, run_lib.put_train_chunk(run, dataset.train,
+    state, metrics = run.train_steps(state, run_lib.put_train_chunk(run, dataset,
                                                                   bad_step - 1, 1))
     assert float(metrics["skipped"][0]) == 1.0 and int(state.step) == bad_step
     after = jax.device_get((state.params, state.opt_state))

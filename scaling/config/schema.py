@@ -39,6 +39,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from scaling.data import IMAGE_DATASETS, TEXT_DATASETS
+from scaling.data.packed_windows import PACKINGS
 from scaling.data.tokenizer import TOKENIZERS
 from scaling.errors import UserError
 
@@ -148,6 +149,8 @@ COMMON_FIELDS = (
           "(the four IDX .gz files, or input.txt); empty: TFDS"),
     Field("data.tfds_data_dir", str, "", "a TFDS data directory, local or gs://; empty: "
           "$TFDS_DATA_DIR or ~/tensorflow_datasets"),
+    Field("data.prefetch_steps", int, 4, "text corpora: training steps each process reads "
+          "ahead on background threads; 0 reads in the loop", minimum=0),
     Field("model.name", str, REQUIRED, "the model; any name if the experiment defines "
           "make_model(config)", choices=("mlp", "transformer")),
     Field("optimizer.name", str, "adam", "the update rule", choices=("adam", "adamw", "sgd")),
@@ -241,10 +244,33 @@ DATA_FIELDS = {
     "image": (),
     "text": (
         Field("data.tokenizer", str, "char", "how text becomes tokens", choices=TOKENIZERS),
-        Field("data.tokenizer_model", str, "", "sentencepiece: the .model file"),
+        Field("data.tokenizer_model", str, "", "sentencepiece: the .model file; "
+              "huggingface: the tokenizer.json file"),
         Field("data.seq_len", int, REQUIRED, "tokens in a training window", minimum=1),
         Field("data.eval_splits", tuple, ("validation",), "splits evaluated, every token "
               "once"),
+        Field("data.eval_max_windows", int, 0, "windows evaluated per split; 0: all",
+              minimum=0),
+        Field("data.sources", tuple, (), "corpus: KIND:ARGUMENT[@WEIGHT] each, KIND one of "
+              "text, jsonl, parquet (a glob), tfds (a name), tiny_shakespeare"),
+        Field("data.prepared_dir", str, "", "where --mode=prepare writes the tokenized "
+              "shards; empty: $SCALING_DATA_DIR/EXPERIMENT (~/.cache/scaling/corpora)"),
+        Field("data.packing", str, "documents", "documents: windows mask attention across "
+              "documents and restart positions; concat: plain token runs",
+              choices=PACKINGS),
+        Field("data.text_field", str, "text", "jsonl, parquet, tfds: the field holding the "
+              "text"),
+        Field("data.validation_fraction", float, 0.01, "file sources: the share of documents "
+              "(by a hash of their text) held out as the validation split", minimum=0),
+        Field("data.on_malformed", str, "error", "a malformed record (bad JSON, no text "
+              "field, not UTF-8): stop with its file and line, or count and skip it",
+              choices=("error", "skip")),
+        Field("data.prepare_workers", int, 2, "processes that tokenize in --mode=prepare",
+              minimum=1),
+        Field("data.prepare_if_missing", bool, False, "prepare the corpus at the start of "
+              "training when it is not prepared (small corpora)"),
+        Field("data.sentencepiece_vocab_size", int, 32000, "sentencepiece without "
+              "tokenizer_model: pieces of the model prepare trains on the corpus", minimum=8),
     ),
 }
 

@@ -11,7 +11,7 @@ from scaling.data.dataset import ArrayDataset
 from scaling.errors import UserError
 
 IMAGE_DATASETS = ("mnist", "fashion_mnist")
-TEXT_DATASETS = ("tiny_shakespeare",)
+TEXT_DATASETS = ("tiny_shakespeare", "corpus")  # corpus: any data.sources
 
 
 def _unknown(name: str) -> UserError:
@@ -20,7 +20,7 @@ def _unknown(name: str) -> UserError:
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> ArrayDataset:
-    """The dataset named by `config.data.name`, as in-memory arrays."""
+    """The dataset named by `config.data.name`: images in memory, or a prepared text corpus."""
     if config.data.name in IMAGE_DATASETS:
         from scaling.data import images
 
@@ -28,7 +28,7 @@ def load_dataset(config: ml_collections.ConfigDict) -> ArrayDataset:
     if config.data.name in TEXT_DATASETS:
         from scaling.data import text
 
-        return text.load_text_dataset(config.data)
+        return text.load_text_corpus(config)
     raise _unknown(config.data.name)
 
 
@@ -52,5 +52,8 @@ def element_spec(config: ml_collections.ConfigDict) -> dict:
         return {"image": jax.ShapeDtypeStruct((28, 28, 1), np.uint8),
                 "label": jax.ShapeDtypeStruct((), np.int32)}
     if config.data.name in TEXT_DATASETS:
-        return {"tokens": jax.ShapeDtypeStruct((config.data.seq_len + 1,), np.int32)}
+        window = jax.ShapeDtypeStruct((config.data.seq_len + 1,), np.int32)
+        keys = ("tokens",) if config.data.packing == "concat" else (
+            "tokens", "segment_ids", "positions")
+        return dict.fromkeys(keys, window)
     raise _unknown(config.data.name)

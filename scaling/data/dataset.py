@@ -1,9 +1,8 @@
-"""In-memory datasets, their deterministic order, and the batches the steps consume.
+"""In-memory datasets (the image sets) and their deterministic order.
 
 The order of training examples is a pure function of (seed, step): resuming at step s sees
-exactly the batches an uninterrupted run would. Batches come in chunks of k steps, stacked
-along a leading axis, so one compiled call can run k steps. Evaluation pads the last batch
-and carries a mask, so every example counts exactly once.
+exactly the batches an uninterrupted run would. `scaling.data.loader` reads the rows of each
+batch that a process needs, from this or from a prepared text corpus alike.
 """
 
 from __future__ import annotations
@@ -24,10 +23,25 @@ class ArrayDataset:
     label_names: tuple[str, ...]
     source: str
     tokenizer: object = None  # text datasets only: ids <-> text, for sampling
+    # Rows are copies from memory: reading ahead on threads would gain nothing, and the
+    # thread pool's import (Grain) would cost every start 0.3 s.
+    streamed = False
 
     @property
     def num_train(self) -> int:
         return len(next(iter(self.train.values())))
+
+    def train_rows(self, seed: int, step: int, batch_size: int,
+                   rows: np.ndarray) -> Batch:
+        """Rows `rows` of the global batch at `step` (the loader's view of any dataset)."""
+        indices = train_indices(seed, step, batch_size, self.num_train)[rows]
+        return {key: value[indices] for key, value in self.train.items()}
+
+    def eval_size(self, split: str) -> int:
+        return len(next(iter(self.eval_splits[split].values())))
+
+    def eval_rows(self, split: str, indices: np.ndarray) -> Batch:
+        return {key: value[indices] for key, value in self.eval_splits[split].items()}
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -55,26 +69,3 @@ def train_chunk_indices(seed: int, start_step: int, num_steps: int, batch_size: 
     """(num_steps, batch_size) example indices: the global batches, whoever loads them."""
     return np.stack([train_indices(seed, s, batch_size, num_examples)
                      for s in range(start_step, start_step + num_steps)])
-
-
-def train_chunk(data: Batch, seed: int, start_step: int, num_steps: int,
-                batch_size: int) -> Batch:
-    """Batches for steps [start_step, start_step + num_steps), stacked on a leading axis."""
-    num_examples = len(next(iter(data.values())))
-    indices = train_chunk_indices(seed, start_step, num_steps, batch_size, num_examples)
-    return {key: value[indices] for key, value in data.items()}
-
-
-def eval_chunk(data: Batch, batch_size: int) -> Batch:
-    """All examples as (num_batches, batch_size, ...) with a `mask` marking the real ones."""
-    num_examples = len(next(iter(data.values())))
-    num_batches = -(-num_examples // batch_size)
-    padded = num_batches * batch_size
-    out = {}
-    for key, value in data.items():
-        pad = np.zeros((padded - num_examples,) + value.shape[1:], value.dtype)
-        out[key] = np.concatenate([value, pad]).reshape((num_batches, batch_size)
-                                                        + value.shape[1:])
-    mask = np.arange(padded) < num_examples
-    out["mask"] = mask.reshape(num_batches, batch_size)
-    return out

@@ -36,7 +36,7 @@ def save_sample(dataset: ArrayDataset, workdir: Path, size: int = SAMPLE_SIZE) -
     The file is written under a temporary name and renamed, so it is whole or absent.
     """
     splits = {name: data for name, data in dataset.eval_splits.items()
-              if all(key in data for key in KEYS)}
+              if isinstance(data, dict) and all(key in data for key in KEYS)}
     if not splits:
         return None
     arrays = {}

@@ -1,105 +1,153 @@
-"""Text corpora as packed, fixed-length token sequences for language modelling.
+"""A prepared text corpus as a dataset: training windows by mixture order, streamed eval.
 
-`tiny_shakespeare` comes from TFDS, or offline from a manual directory holding TFDS's own
-source file `input.txt`, split 90/5/5 into train/validation/test exactly as the TFDS builder
-does. Training windows hold seq_len + 1 tokens at a stride of seq_len, so every token is a
-target once per epoch; evaluation windows cover every target of a split exactly once, the
-last one padded and weighted out.
+The corpus must have been prepared (`--mode=prepare`, see `scaling.data.prepare`) with the
+tokenizer saved beside it; training refuses one that is missing, incomplete or made with
+another tokenizer, with the command that prepares it. Nothing here holds more than the
+manifests in memory: windows are read by random access when a step needs them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
-import ml_collections
 import numpy as np
 
-from scaling.data.dataset import ArrayDataset
-from scaling.data.tfds_source import (
-    DOWNLOAD_HOSTS,
-    network_reachable,
-    tensorflow_available,
-    tfds_is_prepared,
-)
-from scaling.data.tokenizer import make_tokenizer
+from scaling.data import prepare as prepare_lib
+from scaling.data.packed_windows import TokenStream, WindowOrder, Windows
+from scaling.data.text_sources import SourceSpec
+from scaling.data.tokenizer import TOKENIZER_DIR, Tokenizer, fingerprint, load_tokenizer
 from scaling.errors import UserError
 
-MANUAL_FILE = "input.txt"
+
+@dataclasses.dataclass
+class TextCorpus:
+    """The dataset of a language model: what the loop, the loader and inference ask of it."""
+    name: str
+    source: str
+    tokenizer: Tokenizer
+    train_sources: list[Windows]
+    order: WindowOrder
+    eval_splits: dict[str, Windows]
+    eval_limit: int                      # windows evaluated per split; 0: all
+    label_names: tuple[str, ...] = ()
+    streamed = True                      # rows come from disk: the loader reads ahead
+
+    @property
+    def num_train(self) -> int:
+        return sum(w.num_windows for w in self.train_sources)
+
+    def train_rows(self, seed: int, step: int, batch_size: int,
+                   rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows `rows` of the global batch at `step`; `seed` is the order's, fixed at load."""
+        del seed  # part of `order`
+        sources, windows = self.order.locate(step * batch_size + np.asarray(rows, np.int64))
+        out: dict[str, np.ndarray] = {}
+        for source in np.unique(sources):
+            where = np.flatnonzero(sources == source)
+            batch = self.train_sources[source].read(windows[where])
+            for key, value in batch.items():
+                if key not in out:
+                    out[key] = np.empty((len(rows),) + value.shape[1:], value.dtype)
+                out[key][where] = value
+        return out
+
+    def eval_size(self, split: str) -> int:
+        count = self.eval_splits[split].num_windows
+        return min(count, self.eval_limit) if self.eval_limit > 0 else count
+
+    def eval_rows(self, split: str, indices: np.ndarray) -> dict[str, np.ndarray]:
+        return self.eval_splits[split].read(indices)
 
 
-def split_like_tfds(text: str) -> dict[str, str]:
-    """The TFDS tiny_shakespeare split: the first 90% trains, the rest halves into val/test."""
-    cut = int(len(text) * 0.9)
-    train, rest = text[:cut], text[cut:]
-    half = int(len(rest) * 0.5)
-    return {"train": train, "validation": rest[:half], "test": rest[half:]}
+def prepare_command(config) -> str:
+    return (f"python -m scaling.main --experiment={config.experiment or 'EXPERIMENT'} "
+            "--mode=prepare" + (f" --config.data.prepared_dir={config.data.prepared_dir}"
+                                if config.data.prepared_dir else ""))
 
 
-def read_manual(directory: Path) -> dict[str, str]:
-    path = directory / MANUAL_FILE
+def _open_source(root: Path, spec: SourceSpec, config, tokenizer_print: str) -> dict:
+    path = root / spec.slug / prepare_lib.MANIFEST
     if not path.is_file():
-        raise UserError(f"--config.data.manual_dir={directory}: expected the file {MANUAL_FILE}")
+        raise UserError(f"corpus source {spec.text!r} is not prepared in {root / spec.slug}; "
+                        f"prepare it first: {prepare_command(config)}")
     try:
-        return split_like_tfds(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read it as UTF-8 text: {e}") from None
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read the manifest ({e}); delete {root / spec.slug} "
+                        f"and prepare again: {prepare_command(config)}") from None
+    if manifest.get("format") != prepare_lib.FORMAT:
+        raise UserError(f"{path}: written by another version of the prepare step; delete "
+                        f"{root / spec.slug} and prepare again: {prepare_command(config)}")
+    if manifest["tokenizer"]["fingerprint"] != tokenizer_print:
+        raise UserError(f"{path}: prepared with another tokenizer "
+                        f"({manifest['tokenizer']['kind']}, {manifest['tokenizer']['fingerprint']}"
+                        f", not {tokenizer_print}); prepare it with this one into a new "
+                        f"--config.data.prepared_dir: {prepare_command(config)}")
+    return manifest
 
 
-def read_tfds(name: str, data_dir: str | None, download: bool) -> dict[str, str]:
-    import tensorflow_datasets as tfds
+def corpus_tokenizer(config, root: Path) -> Tokenizer:
+    """The tokenizer saved with the corpus, checked against the one the config asks for."""
+    tokenizer = load_tokenizer(root / TOKENIZER_DIR)
+    if tokenizer is None:
+        raise UserError(f"the corpus is not prepared in {root} (no tokenizer there); prepare "
+                        f"it first: {prepare_command(config)}")
+    data = config.data
+    kind = tokenizer.saved_form()[0]["kind"]
+    mismatch = kind != data.tokenizer
+    if not mismatch and data.tokenizer_model and kind != "char":
+        from scaling.data.tokenizer import make_tokenizer
 
-    builder = tfds.builder(name, data_dir=data_dir or None)
-    if download:
-        builder.download_and_prepare()
-    splits = {}
-    for split in ("train", "validation", "test"):
-        texts = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))["text"]
-        splits[split] = "".join(t.decode("utf-8") for t in texts)
-    return splits
-
-
-def training_windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
-    count = (len(tokens) - 1) // seq_len
-    if count < 1:
-        raise UserError(f"--config.data.seq_len={seq_len}: longer than the training text "
-                        f"({len(tokens)} tokens)")
-    starts = np.arange(count) * seq_len
-    return tokens[starts[:, None] + np.arange(seq_len + 1)]
-
-
-def eval_windows(tokens: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
-    """Windows whose targets cover tokens[1:] exactly once; padding has weight 0."""
-    num_targets = len(tokens) - 1
-    count = -(-num_targets // seq_len)
-    padded = np.zeros(count * seq_len + 1, np.int32)
-    padded[:len(tokens)] = tokens
-    starts = np.arange(count) * seq_len
-    windows = padded[starts[:, None] + np.arange(seq_len + 1)]
-    weights = (starts[:, None] + np.arange(seq_len)) < num_targets
-    return {"tokens": windows, "weights": weights.astype(np.float32)}
+        wanted = make_tokenizer(kind, "", data.tokenizer_model)
+        mismatch = fingerprint(wanted) != fingerprint(tokenizer)
+    if mismatch:
+        raise UserError(f"--config.data.tokenizer={data.tokenizer}"
+                        + (f" --config.data.tokenizer_model={data.tokenizer_model}"
+                           if data.tokenizer_model else "")
+                        + f": the corpus in {root} was prepared with another tokenizer "
+                        f"({kind}); prepare it into a new --config.data.prepared_dir: "
+                        f"{prepare_command(config)}")
+    return tokenizer
 
 
-def load_text_dataset(data_config: ml_collections.ConfigDict) -> ArrayDataset:
-    name = data_config.name
-    if data_config.manual_dir:
-        texts = read_manual(Path(data_config.manual_dir).expanduser())
-        source = f"{Path(data_config.manual_dir) / MANUAL_FILE}"
-    elif tensorflow_available() and (tfds_is_prepared(name, data_config.tfds_data_dir)
-                                     or network_reachable(*DOWNLOAD_HOSTS[name])):
-        texts = read_tfds(name, data_config.tfds_data_dir, download=True)
-        source = f"TFDS {name}"
-    else:
-        raise UserError(
-            f"dataset {name} is not available: TFDS needs TensorFlow and the network to "
-            f"prepare it. Options: set --config.data.manual_dir to a directory holding TFDS's "
-            f"source file {MANUAL_FILE}; or set --config.data.tfds_data_dir to a TFDS data "
-            f"directory and install TensorFlow (pip install 'scaling[tfds]') with network "
-            f"access.")
-    tokenizer = make_tokenizer(data_config.tokenizer, "".join(texts.values()),
-                               data_config.tokenizer_model)
-    seq_len = data_config.seq_len
-    train = {"tokens": training_windows(tokenizer.encode(texts["train"]), seq_len)}
-    eval_splits = {split: eval_windows(tokenizer.encode(texts[split]), seq_len)
-                   for split in data_config.eval_splits}
-    return ArrayDataset(name=name, train=train, eval_splits=eval_splits, label_names=(),
-                        source=source, tokenizer=tokenizer)
+def load_text_corpus(config) -> TextCorpus:
+    """Open the prepared corpus of `config.data`, preparing it first where the experiment
+    allows (`data.prepare_if_missing`, for small corpora such as tiny Shakespeare)."""
+    data = config.data
+    root = prepare_lib.corpus_root(config)
+    specs = prepare_lib.source_specs(data)
+    complete = (root / TOKENIZER_DIR).is_dir() and all(
+        (root / s.slug / prepare_lib.MANIFEST).is_file() for s in specs)
+    if not complete and data.prepare_if_missing:
+        import jax
+
+        if jax.process_count() > 1:
+            raise UserError(f"the corpus is not prepared in {root}; with several processes, "
+                            f"prepare it once first: {prepare_command(config)}")
+        prepare_lib.prepare(config)
+    tokenizer = corpus_tokenizer(config, root)
+    tokenizer_print = fingerprint(tokenizer)
+    train, evals, sizes = [], {}, []
+    for spec in specs:
+        manifest = _open_source(root, spec, config, tokenizer_print)
+        directory = root / spec.slug
+        windows = Windows(TokenStream(directory, manifest, "train"), data.seq_len,
+                          data.packing, evaluation=False)
+        if windows.num_windows < 1:
+            raise UserError(f"--config.data.seq_len={data.seq_len}: longer than the training "
+                            f"text of {spec.text!r} ({windows.stream.num_tokens} tokens)")
+        train.append(windows)
+        sizes.append(windows.num_windows)
+        for split in data.eval_splits:
+            if split not in manifest["splits"]:
+                raise UserError(f"--config.data.eval_splits: {spec.text!r} has no {split!r} "
+                                f"split; it has {', '.join(manifest['splits'])}")
+            name = split if len(specs) == 1 else f"{split}/{spec.text.split('@')[0]}"
+            evals[name] = Windows(TokenStream(directory, manifest, split),
+                                  data.seq_len, data.packing, evaluation=True)
+    order = WindowOrder(sizes, [s.weight for s in specs], config.seed)
+    source = ", ".join(f"{s.text}" for s in specs) + f" prepared in {root}"
+    return TextCorpus(name=data.name, source=source, tokenizer=tokenizer, train_sources=train,
+                      order=order, eval_splits=evals, eval_limit=data.eval_max_windows)

@@ -1,13 +1,19 @@
-"""Tokenizers that work offline: characters or bytes by default, SentencePiece when given.
+"""Tokenizers that work offline: characters, bytes, SentencePiece and Hugging Face files.
 
-A character vocabulary is the sorted set of characters in the whole corpus, so training and
-evaluation rebuild exactly the same ids from the same text. Training also saves the tokenizer
-in its workdir (`save_tokenizer`), so sampling needs the checkpoint and that copy, never the
-corpus: a run can be sampled after its training text is gone.
+Every tokenizer has an end-of-document id (`eos_id`), and a begin-of-document id (`bos_id`)
+where its vocabulary defines one: packing puts them around each document so the model sees
+where one ends and the next begins. Characters and bytes get an id past their own for it;
+SentencePiece and Hugging Face vocabularies use their own special pieces when they have them.
+
+A character vocabulary is the sorted set of characters in the whole corpus. Training saves
+the tokenizer in its workdir (`save_tokenizer`) and a prepared corpus in its own folder, so
+sampling needs the checkpoint and that copy, never the corpus. `fingerprint` names a
+tokenizer by its contents, so a corpus prepared with one is never read with another.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,22 +24,36 @@ import numpy as np
 
 from scaling.errors import UserError
 
-TOKENIZERS = ("char", "byte", "sentencepiece")
+TOKENIZERS = ("char", "byte", "sentencepiece", "huggingface")
+# Special pieces looked up in a Hugging Face vocabulary, most specific first.
+HF_EOS_PIECES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|eot_id|>")
+HF_BOS_PIECES = ("<|begin_of_text|>", "<s>", "<bos>")
 
 
 class Tokenizer(Protocol):
-    vocab_size: int
+    vocab_size: int      # ids are below this, special ones included
+    eos_id: int
+    bos_id: int | None
 
     def encode(self, text: str) -> np.ndarray: ...
 
     def decode(self, ids) -> str: ...
+
+    def saved_form(self) -> tuple[dict, Path | None]: ...
+
+
+def _without_specials(tokenizer: Tokenizer, ids) -> list[int]:
+    specials = {tokenizer.eos_id, tokenizer.bos_id}
+    return [int(i) for i in ids if int(i) not in specials]
 
 
 class CharTokenizer:
     def __init__(self, corpus: str):
         self.chars = "".join(sorted(set(corpus)))
         self._ids = {c: i for i, c in enumerate(self.chars)}
-        self.vocab_size = len(self.chars)
+        self.eos_id = len(self.chars)
+        self.bos_id = None
+        self.vocab_size = len(self.chars) + 1
 
     def encode(self, text: str) -> np.ndarray:
         unknown = sorted(set(text) - self._ids.keys())
@@ -43,37 +63,103 @@ class CharTokenizer:
         return np.fromiter((self._ids[c] for c in text), np.int32, len(text))
 
     def decode(self, ids) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
+        return "".join(self.chars[i] for i in _without_specials(self, ids))
+
+    def saved_form(self) -> tuple[dict, Path | None]:
+        return {"kind": "char", "chars": self.chars}, None
 
 
 class ByteTokenizer:
-    vocab_size = 256
+    vocab_size = 257
+    eos_id = 256
+    bos_id = None
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
 
     def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        return bytes(_without_specials(self, ids)).decode("utf-8", errors="replace")
+
+    def saved_form(self) -> tuple[dict, Path | None]:
+        return {"kind": "byte"}, None
+
+
+def _model_file(model_file: str, kind: str) -> Path:
+    if not model_file:
+        raise UserError(f"--config.data.tokenizer={kind} needs --config.data.tokenizer_model, "
+                        "the tokenizer's file (or run --mode=prepare, which can train a "
+                        "SentencePiece model on the corpus)")
+    path = Path(model_file).expanduser()
+    if not path.is_file():
+        raise UserError(f"--config.data.tokenizer_model={model_file}: no such file")
+    return path
 
 
 class SentencePieceTokenizer:
     def __init__(self, model_file: str):
-        self.model_file = str(model_file)
+        import sentencepiece
+
+        self.model_file = _model_file(model_file, "sentencepiece")
         try:
-            import sentencepiece
-        except ImportError:
-            raise UserError("--config.data.tokenizer=sentencepiece needs the sentencepiece "
-                            "package: pip install sentencepiece") from None
-        if not Path(model_file).is_file():
-            raise UserError(f"--config.data.tokenizer_model={model_file}: no such file")
-        self._processor = sentencepiece.SentencePieceProcessor(model_file=model_file)
-        self.vocab_size = int(self._processor.get_piece_size())
+            self._processor = sentencepiece.SentencePieceProcessor(
+                model_file=str(self.model_file))
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"--config.data.tokenizer_model={model_file}: not a SentencePiece "
+                            f"model ({e})") from None
+        pieces = int(self._processor.get_piece_size())
+        eos, bos = int(self._processor.eos_id()), int(self._processor.bos_id())
+        self.eos_id = eos if eos >= 0 else pieces
+        self.bos_id = bos if bos >= 0 else None
+        self.vocab_size = pieces + (eos < 0)
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._processor.encode(text), np.int32)
 
     def decode(self, ids) -> str:
-        return self._processor.decode([int(i) for i in ids])
+        return self._processor.decode(_without_specials(self, ids))
+
+    def saved_form(self) -> tuple[dict, Path | None]:
+        return {"kind": "sentencepiece"}, self.model_file
+
+
+class HuggingFaceTokenizer:
+    """A `tokenizer.json` of the Hugging Face `tokenizers` library (Llama 3 style BPE).
+
+    Special pieces written literally in a document are encoded as ordinary text, so a
+    document can never end itself early by containing the string of the end-of-text piece.
+    """
+
+    def __init__(self, model_file: str):
+        import tokenizers
+
+        self.model_file = _model_file(model_file, "huggingface")
+        try:
+            self._tokenizer = tokenizers.Tokenizer.from_file(str(self.model_file))
+        except Exception as e:  # the library raises a bare Exception for a malformed file
+            raise UserError(f"--config.data.tokenizer_model={model_file}: not a Hugging Face "
+                            f"tokenizer.json ({e})") from None
+        self._tokenizer.encode_special_tokens = True
+        size = int(self._tokenizer.get_vocab_size(with_added_tokens=True))
+        eos = self._first_piece(HF_EOS_PIECES)
+        self.eos_id = size if eos is None else eos
+        self.bos_id = self._first_piece(HF_BOS_PIECES)
+        self.vocab_size = max(size + (eos is None), self.eos_id + 1)
+
+    def _first_piece(self, pieces: tuple[str, ...]) -> int | None:
+        for piece in pieces:
+            found = self._tokenizer.token_to_id(piece)
+            if found is not None:
+                return int(found)
+        return None
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def decode(self, ids) -> str:
+        return self._tokenizer.decode(_without_specials(self, ids), skip_special_tokens=False)
+
+    def saved_form(self) -> tuple[dict, Path | None]:
+        return {"kind": "huggingface"}, self.model_file
 
 
 def make_tokenizer(name: str, corpus: str, model_file: str = "") -> Tokenizer:
@@ -83,13 +169,25 @@ def make_tokenizer(name: str, corpus: str, model_file: str = "") -> Tokenizer:
         return ByteTokenizer()
     if name == "sentencepiece":
         return SentencePieceTokenizer(model_file)
+    if name == "huggingface":
+        return HuggingFaceTokenizer(model_file)
     raise UserError(f"--config.data.tokenizer={name}: expected one of {', '.join(TOKENIZERS)}")
 
 
+def fingerprint(tokenizer: Tokenizer) -> str:
+    """A digest of everything that decides the ids: the kind, a character vocabulary or the
+    model file's bytes. Equal fingerprints encode every text alike."""
+    described, model = tokenizer.saved_form()
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
+    if model is not None:
+        digest.update(Path(model).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 TOKENIZER_DIR = "tokenizer"  # in the workdir
-# The saved copy: one JSON file naming the kind; a SentencePiece model file beside it.
+# The saved copy: one JSON file naming the kind; the model file beside it, if any.
 SAVED_FILE = "tokenizer.json"
-SAVED_MODEL_FILE = "tokenizer.model"
+SAVED_MODEL_FILES = {"sentencepiece": "tokenizer.model", "huggingface": "hf_tokenizer.json"}
 
 
 def save_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
@@ -100,17 +198,13 @@ def save_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if isinstance(tokenizer, CharTokenizer):
-        saved = {"kind": "char", "chars": tokenizer.chars}
-    elif isinstance(tokenizer, ByteTokenizer):
-        saved = {"kind": "byte"}
-    elif isinstance(tokenizer, SentencePieceTokenizer):
-        partial_model = directory / f".{SAVED_MODEL_FILE}.tmp-{os.getpid()}"
-        shutil.copyfile(tokenizer.model_file, partial_model)
-        partial_model.replace(directory / SAVED_MODEL_FILE)
-        saved = {"kind": "sentencepiece", "model_file": SAVED_MODEL_FILE}
-    else:
-        raise TypeError(f"cannot save a tokenizer of type {type(tokenizer).__name__}")
+    saved, model = tokenizer.saved_form()
+    if model is not None:
+        name = SAVED_MODEL_FILES[saved["kind"]]
+        partial_model = directory / f".{name}.tmp-{os.getpid()}"
+        shutil.copyfile(model, partial_model)
+        partial_model.replace(directory / name)
+        saved = {**saved, "model_file": name}
     saved["vocab_size"] = int(tokenizer.vocab_size)
     partial = directory / f".{SAVED_FILE}.tmp-{os.getpid()}"
     partial.write_text(json.dumps(saved, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
@@ -125,18 +219,15 @@ def load_tokenizer(directory: Path) -> Tokenizer | None:
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
         kind = saved["kind"]
+        if kind == "char":
+            tokenizer = CharTokenizer(saved["chars"])
+        elif kind in SAVED_MODEL_FILES:
+            tokenizer = make_tokenizer(kind, "", str(Path(directory) / saved["model_file"]))
+        else:
+            tokenizer = make_tokenizer(kind, "")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: cannot read the saved tokenizer ({e}); delete it to rebuild "
                         "the tokenizer from the corpus") from None
-    if kind == "char":
-        tokenizer = CharTokenizer(saved["chars"])
-    elif kind == "byte":
-        tokenizer = ByteTokenizer()
-    elif kind == "sentencepiece":
-        tokenizer = SentencePieceTokenizer(str(Path(directory) / saved["model_file"]))
-    else:
-        raise UserError(f"{path}: unknown tokenizer kind {kind!r}; expected one of "
-                        f"{', '.join(TOKENIZERS)}")
     if tokenizer.vocab_size != saved.get("vocab_size", tokenizer.vocab_size):
         raise UserError(f"{path}: records {saved['vocab_size']} tokens but rebuilds "
                         f"{tokenizer.vocab_size}; the saved copy is damaged")

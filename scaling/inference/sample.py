@@ -84,7 +84,8 @@ def generate(model, params, prompt_BL: jax.Array, rng: jax.Array, first_index: j
 
 
 def sample_text(model, params, tokenizer, options: SampleOptions) -> str:
-    """The prompt followed by `max_new_tokens` sampled tokens, decoded to text."""
+    """The prompt followed by up to `max_new_tokens` sampled tokens, decoded to text; the
+    text ends where the model ends its document (the tokenizer's end-of-document id)."""
     options.validate()
     context = model.config.max_seq_len
     tokens = [int(t) for t in tokenizer.encode(options.prompt)]
@@ -100,7 +101,11 @@ def sample_text(model, params, tokenizer, options: SampleOptions) -> str:
                        jnp.asarray(produced), num_new=num_new,
                        temperature=float(options.temperature), top_k=int(options.top_k),
                        vocab_limit=tokenizer.vocab_size)
-        tokens.extend(int(t) for t in np.asarray(new)[0])
+        new_tokens = [int(t) for t in np.asarray(new)[0]]
+        if tokenizer.eos_id in new_tokens:
+            tokens.extend(new_tokens[:new_tokens.index(tokenizer.eos_id)])
+            break
+        tokens.extend(new_tokens)
         produced += num_new
     return tokenizer.decode(tokens)
 

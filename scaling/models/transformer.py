@@ -34,7 +34,13 @@ them again, so large models keep the loop.
 The attention core has two written forms (`attention`): `grouped_einsum`, the default, which
 XLA lays out best on accelerators, and `batched_matmul` with a hand-written backward, which
 keeps XLA:CPU's products in its fast matmul library; that CPU-only trick lives in
-`scaling.models.cpu_attention`.
+`scaling.models.cpu_attention`. Both take a boolean mask (B or 1, L, S) of the keys each query
+may see: one causal mask broadcast over the batch, or with `segment_ids_BL` one per row.
+
+A row may pack several documents (`segment_ids_BL` numbers them 1, 2, ... from the row's start;
+0 is padding). Each token then attends only to earlier tokens of its own document and takes its
+rotary position from `positions_BL`, which restarts at 0 with each document, so every
+document's logits are those it would have alone.
 
 Parameters live in `param_dtype`; matmuls run in `dtype`; norms, rotary angles, softmax and
 logits run in float32 because they lose the most precision in bfloat16.
@@ -148,9 +154,27 @@ def _masked_softmax(logits_LS: jax.Array, mask_LS: jax.Array) -> jax.Array:
     return jax.nn.softmax(jnp.where(mask_LS, logits_LS, jnp.finfo(jnp.float32).min), axis=-1)
 
 
+def segment_mask(segment_ids_BL: jax.Array) -> jax.Array:
+    """The keys each query of a packed row may see (B, L, L): earlier tokens of its document.
+
+    Padding (segment 0) is seen by no real token. A padding query sees only itself: every
+    softmax row then keeps one key, where an empty row would give NaN with -inf logits, or,
+    with the finite minimum used here, a uniform mix of keys it must not see.
+    """
+    L = segment_ids_BL.shape[1]
+    slot_L = jnp.arange(L)
+    causal_LL = slot_L[None, :] <= slot_L[:, None]
+    same_BLL = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+    real_B1L = (segment_ids_BL != 0)[:, None, :]
+    return (causal_LL & same_BLL & real_B1L) | jnp.eye(L, dtype=bool)
+
+
 def grouped_einsum_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: jax.Array,
-                             mask_LS: jax.Array) -> jax.Array:
+                             mask_BLS: jax.Array) -> jax.Array:
     """Attention as two einsums over (kv head, group) axes, differentiated by JAX.
+
+    `mask_BLS` holds the keys each query may see; its first axis is 1 when every row shares
+    one mask (causal only), so that case never materialises a mask per row.
 
     The default: on TPU and GPU, XLA fuses and lays this out best. For `lm_8b` on a v5p-128,
     preflight measures a 32.8 GiB peak a chip, against 36.9 GiB for the batched layout of
@@ -162,7 +186,8 @@ def grouped_einsum_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: ja
     q_BLKGDh = q_BLHDh.reshape(B, L, K, H // K, Dh)
     logits_BKGLS = jnp.einsum("blkgd,bskd->bkgls", q_BLKGDh, k_BSKDh,
                               preferred_element_type=jnp.float32) * Dh**-0.5
-    probs_BKGLS = _masked_softmax(logits_BKGLS, mask_LS).astype(q_BLHDh.dtype)
+    mask_B11LS = mask_BLS[:, None, None]
+    probs_BKGLS = _masked_softmax(logits_BKGLS, mask_B11LS).astype(q_BLHDh.dtype)
     out_BLKGDh = jnp.einsum("bkgls,bskd->blkgd", probs_BKGLS, v_BSKDh)
     return out_BLKGDh.reshape(B, L, H, Dh)
 
@@ -172,13 +197,15 @@ ATTENTION_FORMS = {"grouped_einsum": grouped_einsum_attention,
 
 
 class Attention(nn.Module):
-    """Causal grouped-query attention with an optional KV cache (the flax lm1b pattern)."""
+    """Causal grouped-query attention with an optional KV cache (the flax lm1b pattern),
+    kept within each packed document when given segment ids."""
 
     config: TransformerConfig
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array | None) -> jax.Array:
+    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array | None,
+                 segment_ids_BL: jax.Array | None = None) -> jax.Array:
         c = self.config
         B, L, D = x_BLD.shape
         H, K, Dh = c.num_heads, c.num_kv_heads, c.head_dim
@@ -224,8 +251,11 @@ class Attention(nn.Module):
             k_BSKDh, v_BSKDh = k_BLKDh, v_BLKDh
         k_slot_S = jnp.arange(k_BSKDh.shape[1])
 
-        mask_LS = k_slot_S[None, :] <= q_slot_L[:, None]
-        out_BLHDh = ATTENTION_FORMS[c.attention](q_BLHDh, k_BSKDh, v_BSKDh, mask_LS)
+        if segment_ids_BL is None:
+            mask_BLS = (k_slot_S[None, :] <= q_slot_L[:, None])[None]  # shared by every row
+        else:
+            mask_BLS = segment_mask(segment_ids_BL)  # a training pass: S is L
+        out_BLHDh = ATTENTION_FORMS[c.attention](q_BLHDh, k_BSKDh, v_BSKDh, mask_BLS)
         out_BLHDh = constrain(out_BLHDh, names)
         return (out_BLHDh.reshape(B * L, H * Dh) @ w_HDhD.reshape(H * Dh, D)).reshape(B, L, D)
 
@@ -279,12 +309,12 @@ class Block(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x_BLD: jax.Array,
-                 positions_BL: jax.Array | None) -> tuple[jax.Array, None]:
+    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array | None,
+                 segment_ids_BL: jax.Array | None) -> tuple[jax.Array, None]:
         names = (BATCH, SEQ, EMBED)
         h_BLD = RMSNorm(self.config, name="attention_norm")(x_BLD)
-        x_BLD = x_BLD + Attention(self.config, self.decode, name="attention")(h_BLD,
-                                                                              positions_BL)
+        attention = Attention(self.config, self.decode, name="attention")
+        x_BLD = x_BLD + attention(h_BLD, positions_BL, segment_ids_BL)
         x_BLD = constrain(x_BLD, names)
         h_BLD = RMSNorm(self.config, name="mlp_norm")(x_BLD)
         x_BLD = x_BLD + Mlp(self.config, name="mlp")(h_BLD)
@@ -296,7 +326,8 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BL: jax.Array, *, train: bool = False, decode: bool = False,
-                 positions_BL: jax.Array | None = None) -> jax.Array:
+                 positions_BL: jax.Array | None = None,
+                 segment_ids_BL: jax.Array | None = None) -> jax.Array:
         """Float32 logits (B, L, V) for next-token prediction.
 
         With `decode=True`, apply with `mutable=["cache"]` and a cache from `init_cache`: the
@@ -304,8 +335,17 @@ class Transformer(nn.Module):
         index, and the index advances by L. `positions_BL` overrides the rotary positions
         (they default to the tokens' slots, 0..L-1, or index..index+L-1 when decoding);
         causal masking always follows the slots.
+
+        `segment_ids_BL` marks the documents packed into each row (1, 2, ... ; 0 is padding)
+        and keeps attention within each document (see `segment_mask`); pass the positions
+        within each document as `positions_BL` too, or later documents are rotated as if
+        they continued the earlier ones. Decoding serves one sequence per row, so the KV
+        cache does not take segments.
         """
         del train  # no dropout in this model
+        if decode and segment_ids_BL is not None:
+            raise ValueError("segment_ids_BL with decode=True: the KV cache holds one "
+                             "sequence per row, so decode without segment ids")
         c = self.config
         embedding_VD = self.param(
             "embedding", nn.with_logical_partitioning(nn.linear.default_embed_init,
@@ -324,13 +364,15 @@ class Transformer(nn.Module):
                              prevent_cse=not c.scan_layers or unroll > 1)
         if c.scan_layers:
             stack = nn.scan(layer, variable_axes={"params": 0, "cache": 0},
-                            split_rngs={"params": True}, in_axes=(nn.broadcast,),
+                            split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast),
                             length=c.num_layers, unroll=unroll,
                             metadata_params={nn.PARTITION_NAME: LAYERS})
-            x_BLD, _ = stack(c, decode, name="layers")(x_BLD, positions_BL)
+            x_BLD, _ = stack(c, decode, name="layers")(x_BLD, positions_BL, segment_ids_BL)
         else:
             for i in range(c.num_layers):
-                x_BLD, _ = layer(c, decode, name=f"layers_{i}")(x_BLD, positions_BL)
+                x_BLD, _ = layer(c, decode, name=f"layers_{i}")(x_BLD, positions_BL,
+                                                                segment_ids_BL)
 
         x_BLD = RMSNorm(c, name="final_norm")(x_BLD)
         if c.tie_embeddings:

@@ -21,7 +21,7 @@ from scaling.runtime import checkpoint, chips, profiling, startup_gc
 from scaling.runtime.metrics import MetricsWriter, Progress, throughput
 from scaling.runtime.preemption import PreemptionWatch
 from scaling.runtime.workdir import write_config
-from scaling.training.run import Run, evaluate, put_eval_splits, put_train_chunk, setup
+from scaling.training.run import Run, evaluate, make_train_loader, put_local_chunk, setup
 from scaling.training.state_summary import state_table
 from scaling.training.steps import TrainState
 
@@ -61,15 +61,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, experim
         f"data: {dataset.source} ({dataset.num_train} train examples); "
         f"{run.total_steps} steps of batch {config.batch_size}"
         + (f"; resumed at step {step}" if resumed else ""))
-    logger = _StepLogger(writer, progress, run, config)
+    loader = make_train_loader(run, dataset, step)
+    logger = _StepLogger(writer, progress, run, config, loader)
     trace.resume(step, progress.message)
-    eval_splits = put_eval_splits(run, dataset)
 
     watch = PreemptionWatch()
     try:
         state, step = _train_loop(run, dataset, state, step, manager, logger, writer, progress,
-                                  eval_splits, watch, trace)
-        results = evaluate(run, state.params, eval_splits)
+                                  loader, watch, trace)
+        results = evaluate(run, state.params, dataset)
         _write_eval(writer, progress, step, results)
         checkpoint.save(manager, state)
     finally:
@@ -97,7 +97,7 @@ def save_for_inference(dataset, workdir: Path) -> None:
 
 
 def _train_loop(run: Run, dataset, state, step: int, manager, logger, writer, progress,
-                eval_splits, watch: PreemptionWatch,
+                loader, watch: PreemptionWatch,
                 trace: profiling.StepTrace) -> tuple[TrainState, int]:
     config = run.config
     eval_every = every(config.eval_every_steps, run.steps_per_epoch)
@@ -107,7 +107,8 @@ def _train_loop(run: Run, dataset, state, step: int, manager, logger, writer, pr
         stop = min(run.total_steps, _next_multiple(step, eval_every),
                    _next_multiple(step, checkpoint_every))
         num_steps = call_length(step, stop, config.steps_per_call)
-        chunk = put_train_chunk(run, dataset.train, step, num_steps)
+        chunk = put_local_chunk(run, loader.next(num_steps), loader.local_rows,
+                                config.batch_size)
         trace.before_call(step, num_steps)
         state, metrics = run.train_steps(state, chunk)
         trace.after_call(step + num_steps, (state, metrics))
@@ -123,7 +124,7 @@ def _train_loop(run: Run, dataset, state, step: int, manager, logger, writer, pr
             if step % checkpoint_every == 0 or step == run.total_steps:
                 checkpoint.save(manager, state)
             if step % eval_every == 0 and step != run.total_steps:
-                _write_eval(writer, progress, step, evaluate(run, state.params, eval_splits))
+                _write_eval(writer, progress, step, evaluate(run, state.params, dataset))
             logger.pause()
         if watch.should_stop():
             if pending is not None:
@@ -147,7 +148,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: Path, experi
     step = int(jax.device_get(state.step))
     writer = MetricsWriter(workdir, resume_step=2**62)
     progress = Progress(run.total_steps)
-    results = evaluate(run, state.params, put_eval_splits(run, dataset))
+    results = evaluate(run, state.params, dataset)
     _write_eval(writer, progress, step, results)
     writer.close()
     manager.close()
@@ -174,8 +175,8 @@ def _write_eval(writer: MetricsWriter, progress: Progress, step: int, results: d
 class _StepLogger:
     """Turns per-step metric arrays into windowed log records and the progress line."""
 
-    def __init__(self, writer: MetricsWriter, progress: Progress, run: Run, config):
-        self.writer, self.progress, self.run = writer, progress, run
+    def __init__(self, writer: MetricsWriter, progress: Progress, run: Run, config, loader):
+        self.writer, self.progress, self.run, self.loader = writer, progress, run, loader
         self.every = config.log_every_steps
         self.batch_size = config.batch_size
         chip = chips.chip_for(run.mesh.devices.flat[0].device_kind)
@@ -219,6 +220,9 @@ class _StepLogger:
         eta = (self.run.total_steps - step) * self.batch_size / rate
         rates = throughput(rate, self.run.items_per_example, self.run.flops_per_example,
                            self.run.mesh.size, self.peak_flops)
+        # Time the loop waited for the loader: near 0 when prefetching keeps up.
+        waited = self.loader.take_wait_seconds()
+        rates["data_wait_fraction"] = waited / max(self.window_seconds, 1e-9)
         self.progress.update(step, means["loss"], rates, eta)  # the console first
         self.writer.write(step, "train", **means, **rates,
                           learning_rate=float(self.run.schedule(step - 1)))

@@ -21,6 +21,7 @@ import optax
 
 from scaling.data import dataset as dataset_lib
 from scaling.data import element_spec, load_dataset
+from scaling.data.loader import TrainLoader, eval_chunks
 from scaling.errors import UserError
 from scaling.models import axes, make_model, training_flops_per_example
 from scaling.training import compiler_options
@@ -164,36 +165,60 @@ def lower_train_step(run: Run, steps_per_call: int = 1) -> jax.stages.Lowered:
     return lower(run.abstract_state, chunk)
 
 
-def put_chunk(run: Run, chunk: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Host arrays of shape (k, batch, ...) to global arrays sharded along the batch."""
+def local_batch_rows(run: Run, batch_size: int) -> np.ndarray:
+    """The rows of a global batch that this process's devices hold, in order."""
     sharding = mesh_lib.batch_sharding(run.mesh, run.rules, leading_dims=1)
-    return {k: jax.make_array_from_callback(v.shape, sharding, v.__getitem__)
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map((1, batch_size)).values():
+        rows.update(range(*index[1].indices(batch_size)))
+    return np.array(sorted(rows), np.int64)
+
+
+def put_local_chunk(run: Run, chunk: dict[str, np.ndarray], local_rows: np.ndarray,
+                    batch_size: int) -> dict[str, jax.Array]:
+    """This process's rows (k, len(local_rows), ...) of k global batches as global arrays
+    sharded along the batch; no process ever holds another's rows."""
+    sharding = mesh_lib.batch_sharding(run.mesh, run.rules, leading_dims=1)
+
+    def rows_of(value, index):
+        take = np.searchsorted(local_rows, np.arange(batch_size)[index[1]])
+        return value[index[0]][:, take]
+
+    return {k: jax.make_array_from_callback((v.shape[0], batch_size) + v.shape[2:], sharding,
+                                            functools.partial(rows_of, v))
             for k, v in chunk.items()}
 
 
-def put_train_chunk(run: Run, data: dict[str, np.ndarray], start_step: int,
-                    num_steps: int) -> dict[str, jax.Array]:
-    """The global batches of `num_steps` steps, each process gathering only the rows that its
-    own devices hold, so no host ever builds a whole global batch."""
+def make_train_loader(run: Run, dataset, start_step: int) -> TrainLoader:
+    """This process's loader of the training batches from `start_step` on, reading ahead
+    where the rows come from disk."""
     config = run.config
-    num_examples = len(next(iter(data.values())))
-    indices = dataset_lib.train_chunk_indices(config.seed, start_step, num_steps,
-                                              config.batch_size, num_examples)
-    sharding = mesh_lib.batch_sharding(run.mesh, run.rules, leading_dims=1)
-    return {k: jax.make_array_from_callback(indices.shape + v.shape[1:], sharding,
-                                            lambda index, v=v: v[indices[index[:2]]])
-            for k, v in data.items()}
+    return TrainLoader(dataset, config.seed, config.batch_size,
+                       local_batch_rows(run, config.batch_size), start_step, run.total_steps,
+                       config.data.prefetch_steps if dataset.streamed else 0)
 
 
-def put_eval_splits(run: Run, dataset: dataset_lib.ArrayDataset) -> dict[str, dict]:
-    """Every eval split, padded and placed on the devices once for the whole run."""
-    return {split: put_chunk(run, dataset_lib.eval_chunk(data, run.config.eval_batch_size))
-            for split, data in dataset.eval_splits.items()}
+def put_train_chunk(run: Run, dataset, start_step: int, num_steps: int) -> dict[str, jax.Array]:
+    """The global batches of `num_steps` steps from `start_step`, read at once."""
+    rows = local_batch_rows(run, run.config.batch_size)
+    loader = TrainLoader(dataset, run.config.seed, run.config.batch_size, rows, start_step,
+                         start_step + num_steps, prefetch_steps=0)
+    return put_local_chunk(run, loader.next(num_steps), rows, run.config.batch_size)
 
 
-def evaluate(run: Run, params, eval_splits: dict[str, dict]) -> dict[str, dict[str, float]]:
-    return {split: run.task.summarize(jax.device_get(run.evaluate_chunk(params, chunk)))
-            for split, chunk in eval_splits.items()}
+def evaluate(run: Run, params, dataset) -> dict[str, dict[str, float]]:
+    """Every eval split, streamed in chunks of batches; sums add up over chunks and hosts."""
+    batch_size = run.config.eval_batch_size
+    rows = local_batch_rows(run, batch_size)
+    results = {}
+    for split in dataset.eval_splits:
+        total = None
+        for chunk in eval_chunks(dataset, split, batch_size, rows):
+            sums = jax.device_get(run.evaluate_chunk(
+                params, put_local_chunk(run, chunk, rows, batch_size)))
+            total = sums if total is None else jax.tree_util.tree_map(np.add, total, sums)
+        results[split] = run.task.summarize(total)
+    return results
 
 
 def build_run_from_shapes(config: ml_collections.ConfigDict, mesh, experiment=None) -> Run:
@@ -227,5 +252,4 @@ def setup(config: ml_collections.ConfigDict, experiment=None, devices=None):
     if dataset.tokenizer is not None and vocab is not None and vocab < dataset.tokenizer.vocab_size:
         raise UserError(f"--config.model.vocab_size={vocab}: the tokenizer has "
                         f"{dataset.tokenizer.vocab_size} tokens; raise it to at least that")
-    spec = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in dataset.train.items()}
-    return build_run(config, mesh, spec, dataset.num_train, experiment), dataset
+    return build_run(config, mesh, element_spec(config), dataset.num_train, experiment), dataset

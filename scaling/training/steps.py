@@ -38,7 +38,7 @@ def l2_penalty(params) -> jax.Array:
 def objective(params, batch, rng, *, model: nn.Module, task: Task, l2: float):
     """The task loss plus the optional L2 term λ/2·Σw²; what the optimizer descends."""
     logits = model.apply({"params": params}, task.preprocess(batch), train=True,
-                         rngs={"dropout": rng}).astype(jnp.float32)
+                         rngs={"dropout": rng}, **task.model_inputs(batch)).astype(jnp.float32)
     loss, aux = task.loss(logits, batch)
     if l2:
         aux["data_loss"] = loss
@@ -107,8 +107,8 @@ def train_step(state: TrainState, batch, *, loss_fn: Callable,
 def eval_logits(params, batch, *, model: nn.Module, task: Task) -> jax.Array:
     """Float32 logits of the model in eval mode from a raw batch: the one forward pass that
     evaluation, prediction and export all share, so they preprocess exactly as training."""
-    return model.apply({"params": params}, task.preprocess(batch),
-                       train=False).astype(jnp.float32)
+    return model.apply({"params": params}, task.preprocess(batch), train=False,
+                       **task.model_inputs(batch)).astype(jnp.float32)
 
 
 def eval_step(params, batch, *, model: nn.Module, task: Task):

@@ -3,6 +3,12 @@
 The train loop is the same for every task; only these few pure functions differ. Eval
 functions return sums (never means) over the real examples, so padded batches and any number
 of hosts add up to the exact figure.
+
+A language-modelling batch holds `tokens` (B, L+1), inputs and targets in one window, and
+optionally, aligned with it, `segment_ids` (the document of each token within the window,
+1, 2, ...; 0 for padding) and `positions` (each token's position within its document) when
+the window packs several documents. The model then sees them for the inputs, and a target
+counts only when it continues its input's document.
 """
 
 from __future__ import annotations
@@ -18,6 +24,10 @@ import optax
 from scaling.errors import UserError
 
 
+def _no_model_inputs(batch: dict) -> dict:
+    return {}
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     name: str
@@ -26,6 +36,9 @@ class Task:
     eval_sums: Callable       # (logits, batch) -> dict of sums over unmasked examples
     summarize: Callable       # host dict of sums -> reported metrics
     items_per_example: Callable[[dict], int]  # element spec -> tokens (or images) per example
+    # batch -> keyword arguments of the model beside the preprocessed input; whatever a
+    # batch carries that the model needs but a plain input cannot hold (packed documents).
+    model_inputs: Callable[[dict], dict] = _no_model_inputs
 
 
 def _scale_pixels(batch):
@@ -66,16 +79,36 @@ def _next_token_inputs(batch):
     return batch["tokens"][:, :-1]
 
 
+# Batch keys of packed windows, and the model's keyword arguments that take them.
+PACKING_INPUTS = {"segment_ids": "segment_ids_BL", "positions": "positions_BL"}
+
+
+def _next_token_model_inputs(batch: dict) -> dict:
+    """The documents and in-document positions of the inputs, when the window packs several;
+    nothing otherwise, so unpacked batches run the model exactly as before."""
+    return {arg: batch[key][:, :-1] for key, arg in PACKING_INPUTS.items() if key in batch}
+
+
+def document_weights(batch: dict, weights: jax.Array) -> jax.Array:
+    """`weights` (B, L) of the targets, zeroed where a target is padding or starts another
+    document than its input's: nothing in the input's document predicts that token."""
+    if "segment_ids" not in batch:
+        return weights
+    segment_ids = batch["segment_ids"]
+    inputs, targets = segment_ids[:, :-1], segment_ids[:, 1:]
+    return weights * ((targets == inputs) & (targets != 0))
+
+
 def _lm_loss(logits, batch):
     targets = batch["tokens"][:, 1:]
     weights = batch.get("weights", jnp.ones(targets.shape, jnp.float32))
-    sums = weighted_sums(logits, targets, weights)
+    sums = weighted_sums(logits, targets, document_weights(batch, weights))
     total = jnp.maximum(sums["count"], 1.0)
     return sums["loss_sum"] / total, {"accuracy": sums["correct"] / total}
 
 
 def _lm_sums(logits, batch):
-    weights = batch["weights"] * batch["mask"][:, None]
+    weights = document_weights(batch, batch["weights"] * batch["mask"][:, None])
     return weighted_sums(logits, batch["tokens"][:, 1:], weights)
 
 
@@ -89,7 +122,8 @@ def _lm_summary(sums):
 LANGUAGE_MODELING = Task(
     name="language_modeling", preprocess=_next_token_inputs, loss=_lm_loss,
     eval_sums=_lm_sums, summarize=_lm_summary,
-    items_per_example=lambda spec: spec["tokens"].shape[0] - 1)
+    items_per_example=lambda spec: spec["tokens"].shape[0] - 1,
+    model_inputs=_next_token_model_inputs)
 
 TASKS = {task.name: task for task in (CLASSIFICATION, LANGUAGE_MODELING)}
 
