@@ -231,6 +231,8 @@ MODEL_FIELDS = {
               "independent of depth)"),
         Field("model.scan_unroll", int, 1, "layers per scanned loop iteration; num_layers "
               "drops the loop", minimum=1),
+        Field("model.loss_chunk", int, 0, "positions per chunk of the tiled output projection "
+              "and loss (never the whole float32 logits); 0: dense logits", minimum=0),
         Field("model.attention", str, "grouped_einsum", "how the attention core is written; "
               "batched_matmul is faster on a CPU",
               choices=("grouped_einsum", "batched_matmul")),

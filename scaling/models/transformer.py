@@ -59,6 +59,7 @@ import ml_collections
 from scaling.errors import UserError
 from scaling.models import cpu_attention, formulas
 from scaling.models.axes import BATCH, EMBED, HEADS, KV, LAYERS, MLP, SEQ, VOCAB, constrain
+from scaling.models.tiled_loss import Projection
 
 REMAT_POLICIES = {
     "none": None,  # no remat at all
@@ -89,6 +90,7 @@ class TransformerConfig:
     scan_layers: bool = True
     scan_unroll: int = 1  # layers per iteration of the scanned loop; num_layers removes it
     attention: str = "grouped_einsum"  # how the attention core is written: ATTENTION_FORMS
+    loss_chunk: int = 0  # > 0: return a tiled_loss.Projection, logits made this many at a time
 
     def __post_init__(self):
         # Experiment files may spell dtypes as strings; normalise so equal configs hash equal.
@@ -105,6 +107,9 @@ class TransformerConfig:
         if self.attention not in ATTENTION_FORMS:
             raise UserError(f"attention={self.attention!r}: expected one of "
                             f"{', '.join(ATTENTION_FORMS)}")
+        if self.loss_chunk < 0 or self.loss_chunk > self.max_seq_len:
+            raise UserError(f"loss_chunk={self.loss_chunk}: positions per chunk of the tiled "
+                            f"loss, from 1 to max_seq_len={self.max_seq_len}; 0 turns it off")
         if self.scan_unroll < 1:
             raise UserError(f"scan_unroll={self.scan_unroll}: must be at least 1 (layers per "
                             f"loop iteration; {self.num_layers} unrolls every layer)")
@@ -375,6 +380,8 @@ class Transformer(nn.Module):
                                                                 segment_ids_BL)
 
         x_BLD = RMSNorm(c, name="final_norm")(x_BLD)
+        if c.loss_chunk and not decode:
+            return self._projection(x_BLD, embedding_VD)
         if c.tie_embeddings:
             logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, embedding_VD.astype(c.dtype),
                                     preferred_element_type=jnp.float32)
@@ -384,6 +391,21 @@ class Transformer(nn.Module):
             logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, output_DV,
                                     preferred_element_type=jnp.float32)
         return constrain(logits_BLV, (BATCH, SEQ, VOCAB))
+
+
+    def _projection(self, x_BLD: jax.Array, embedding_VD: jax.Array) -> Projection:
+        """The final hidden states and the output projection, for the tiled loss to meet
+        chunk by chunk (`loss_chunk`), in place of the (B, L, V) float32 logits."""
+        c = self.config
+        if x_BLD.shape[1] % c.loss_chunk:
+            raise UserError(f"--config.model.loss_chunk={c.loss_chunk}: must divide the "
+                            f"sequence length {x_BLD.shape[1]}")
+        if c.tie_embeddings:
+            w_DV = embedding_VD.astype(c.dtype).T
+        else:
+            w_DV = _param(self, "output", _fan_in_init(0, 1), (c.embed_dim, c.vocab_size),
+                          (EMBED, VOCAB))
+        return Projection(constrain(x_BLD, (BATCH, SEQ, EMBED)), w_DV, c.loss_chunk)
 
 
 def init_cache(model: Transformer, batch_size: int) -> dict:

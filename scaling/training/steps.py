@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from scaling.models.tiled_loss import Projection
 from scaling.training.tasks import Task
 
 
@@ -37,9 +38,11 @@ def l2_penalty(params) -> jax.Array:
 
 def objective(params, batch, rng, *, model: nn.Module, task: Task, l2: float):
     """The task loss plus the optional L2 term λ/2·Σw²; what the optimizer descends."""
-    logits = model.apply({"params": params}, task.preprocess(batch), train=True,
-                         rngs={"dropout": rng}, **task.model_inputs(batch)).astype(jnp.float32)
-    loss, aux = task.loss(logits, batch)
+    outputs = model.apply({"params": params}, task.preprocess(batch), train=True,
+                          rngs={"dropout": rng}, **task.model_inputs(batch))
+    if not isinstance(outputs, Projection):  # a tiled loss makes its float32 logits itself
+        outputs = outputs.astype(jnp.float32)
+    loss, aux = task.loss(outputs, batch)
     if l2:
         aux["data_loss"] = loss
         loss = loss + 0.5 * l2 * l2_penalty(params)
@@ -107,8 +110,9 @@ def train_step(state: TrainState, batch, *, loss_fn: Callable,
 def eval_logits(params, batch, *, model: nn.Module, task: Task) -> jax.Array:
     """Float32 logits of the model in eval mode from a raw batch: the one forward pass that
     evaluation, prediction and export all share, so they preprocess exactly as training."""
-    return model.apply({"params": params}, task.preprocess(batch), train=False,
-                       **task.model_inputs(batch)).astype(jnp.float32)
+    outputs = model.apply({"params": params}, task.preprocess(batch), train=False,
+                          **task.model_inputs(batch))
+    return outputs if isinstance(outputs, Projection) else outputs.astype(jnp.float32)
 
 
 def eval_step(params, batch, *, model: nn.Module, task: Task):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from scaling.errors import UserError
+from scaling.models.tiled_loss import Projection
 
 
 def _no_model_inputs(batch: dict) -> dict:
@@ -99,17 +100,26 @@ def document_weights(batch: dict, weights: jax.Array) -> jax.Array:
     return weights * ((targets == inputs) & (targets != 0))
 
 
+def _token_sums(outputs, targets, weights):
+    """`weighted_sums` of logits, or of a tiled projection (`model.loss_chunk`), which never
+    makes the whole logits."""
+    if isinstance(outputs, Projection):
+        loss_sum, correct = outputs.cross_entropy(targets, weights)
+        return {"loss_sum": loss_sum, "correct": correct, "count": jnp.sum(weights)}
+    return weighted_sums(outputs, targets, weights)
+
+
 def _lm_loss(logits, batch):
     targets = batch["tokens"][:, 1:]
     weights = batch.get("weights", jnp.ones(targets.shape, jnp.float32))
-    sums = weighted_sums(logits, targets, document_weights(batch, weights))
+    sums = _token_sums(logits, targets, document_weights(batch, weights))
     total = jnp.maximum(sums["count"], 1.0)
     return sums["loss_sum"] / total, {"accuracy": sums["correct"] / total}
 
 
 def _lm_sums(logits, batch):
     weights = document_weights(batch, batch["weights"] * batch["mask"][:, None])
-    return weighted_sums(logits, batch["tokens"][:, 1:], weights)
+    return _token_sums(logits, batch["tokens"][:, 1:], weights)
 
 
 def _lm_summary(sums):
