@@ -108,7 +108,7 @@ def test_fields_the_experiment_omits_take_the_schema_default(tmp_path):
 def test_language_models_get_text_and_sample_fields():
     config, _ = config_lib.load_config("lm_1b", [])
     assert config.data.eval_splits == ("validation",) and config.sample.max_new_tokens == 200
-    assert config.model.attention == "grouped_einsum" and config.model.norm_eps == 1e-6
+    assert config.model.attention == "auto" and config.model.norm_eps == 1e-6
 
 
 @pytest.mark.parametrize("extra, data, fragments", [
@@ -201,7 +201,7 @@ def test_schema_mirrors_the_code_it_configures():
     assert schema._field("optimizer.schedule").choices == optimizer.SCHEDULES
     choices = {f.key: f.choices for f in schema.MODEL_FIELDS["transformer"]}
     assert set(choices["model.remat_policy"]) == set(transformer.REMAT_POLICIES)
-    assert set(choices["model.attention"]) == set(transformer.ATTENTION_FORMS)
+    assert set(choices["model.attention"]) == set(transformer.ATTENTION_CHOICES)
 
 
 def test_every_field_has_a_type_default_and_help():

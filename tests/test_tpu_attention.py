@@ -185,3 +185,57 @@ def test_compiles_to_splash_kernels_per_shard_on_a_v5e_2x2_slice(packed):
     assert "bf16[2,2,1024,128]" in backward_kernels[f"splash_mha_dkv{seg}_no_residuals"]
     for text in (forward, backward):
         assert not re.search(r"all-gather|all-reduce|all-to-all|collective-permute", text)
+
+
+def training_step_text(*overrides, topology_name="v5e-8"):
+    from scaling.config import experiments as config_lib
+    from scaling.preflight import step_report
+    from scaling.training import run as run_lib
+
+    config, module = config_lib.load_config("shakespeare_char_lm", [
+        "batch_size=16", "steps_per_call=1", "model.num_layers=2", "model.embed_dim=64",
+        "model.mlp_dim=128", "model.num_heads=8", "model.num_kv_heads=4", "model.head_dim=64",
+        "model.scan_unroll=1", "mesh.data=4", "mesh.fsdp=1", "mesh.tensor=2",
+        "model.dtype=bfloat16", *overrides])
+    target = step_report.make_target(topology_name, config)
+    mesh = mesh_lib.make_mesh(config.mesh, target.devices)
+    run = run_lib.build_run_from_shapes(config, mesh, module)
+    return run.model.config.attention, run_lib.lower_train_step(run).compile().as_text()
+
+
+@needs_libtpu
+@pytest.mark.parametrize("packing", ["concat", "documents"])
+def test_auto_attention_trains_through_splash_on_a_tpu_slice(packing):
+    """The real training step for a v5e-8: the kernel's forward, dq and dk/dv once each in
+    the scanned layer's loops (forward and backward), segmented with packed documents."""
+    attention, text = training_step_text("model.attention=auto", "data.seq_len=256",
+                                         "model.max_seq_len=256", f"data.packing={packing}")
+    found = kernels(text)
+    assert attention == "splash" and len(found) == 3, found
+    assert all(("segmented" in name) == (packing == "documents") for name in found.values())
+
+
+def test_auto_attention_keeps_a_written_form_off_tpu_or_off_the_lane_width():
+    from scaling.models.transformer import choose_attention
+
+    assert choose_attention("auto", "cpu", 256) == "grouped_einsum"
+    assert choose_attention("auto", "gpu", 256) == "grouped_einsum"
+    assert choose_attention("auto", "tpu", 96) == "grouped_einsum"
+    assert choose_attention("auto", None, 256) == "grouped_einsum"
+    assert choose_attention("batched_matmul", "tpu", 256) == "batched_matmul"
+    with pytest.raises(UserError, match="attention=splash runs on TPU only; these devices "
+                                        "are cpu"):
+        choose_attention("splash", "cpu", 256)
+    with pytest.raises(UserError, match="seq_len to be a multiple of 128, not 96"):
+        choose_attention("splash", "tpu", 96)
+
+
+def test_an_explicit_splash_on_this_cpu_exits_2_naming_the_option(tmp_path):
+    from conftest import run_cli
+
+    result = run_cli("--experiment=shakespeare_char_lm", f"--workdir={tmp_path}",
+                     f"--config.data.manual_dir={tmp_path / 'no_corpus_needed'}",
+                     "--config.model.attention=splash", "--config.num_steps=2",
+                     "--config.optimizer.warmup_steps=1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: --config.model.attention=splash runs on TPU only" in result.stderr

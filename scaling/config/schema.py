@@ -233,9 +233,10 @@ MODEL_FIELDS = {
               "drops the loop", minimum=1),
         Field("model.loss_chunk", int, 0, "positions per chunk of the tiled output projection "
               "and loss (never the whole float32 logits); 0: dense logits", minimum=0),
-        Field("model.attention", str, "grouped_einsum", "how the attention core is written; "
-              "batched_matmul is faster on a CPU",
-              choices=("grouped_einsum", "batched_matmul")),
+        Field("model.attention", str, "auto", "how attention is computed: auto (the splash "
+              "kernel on TPU, grouped_einsum elsewhere), grouped_einsum, batched_matmul (faster "
+              "on a CPU), splash (TPU)",
+              choices=("auto", "grouped_einsum", "batched_matmul", "splash")),
     ),
 }
 

@@ -61,7 +61,7 @@ def model_spec(config: ml_collections.ConfigDict, experiment=None) -> ModelSpec:
     """Mesh, model and abstract params from the config alone: no data, no optimizer."""
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = mesh_lib.rules_from_config(config)
-    model = make_model(config, experiment)
+    model = make_model(config, experiment, mesh_lib.platform(mesh))
     task = get_task(config.task)
     sample = {k: np.zeros((1,) + v.shape, v.dtype) for k, v in element_spec(config).items()}
 

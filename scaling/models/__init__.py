@@ -23,8 +23,12 @@ from scaling.models import formulas
 MODELS = ("mlp", "transformer")
 
 
-def make_model(config: ml_collections.ConfigDict, experiment=None) -> nn.Module:
-    """The experiment's own `make_model(config)` if it defines one, else a built-in model."""
+def make_model(config: ml_collections.ConfigDict, experiment=None,
+               platform: str | None = None) -> nn.Module:
+    """The experiment's own `make_model(config)` if it defines one, else a built-in model.
+
+    `platform` (cpu, gpu, tpu; None for a mesh that is only a shape) settles choices made
+    per platform, such as `model.attention=auto`."""
     hook = getattr(experiment, "make_model", None)
     if callable(hook):
         return hook(config)
@@ -38,21 +42,28 @@ def make_model(config: ml_collections.ConfigDict, experiment=None) -> nn.Module:
     if model_config.name == "transformer":
         from scaling.models.transformer import Transformer
 
-        return Transformer(transformer_config(model_config))
+        return Transformer(transformer_config(model_config, platform,
+                                              config.get("data", {}).get("seq_len")))
     raise UserError(f"--config.model.name={model_config.name}: unknown model; expected one of "
                     f"{', '.join(MODELS)}, or define make_model(config) in the experiment file")
 
 
-def transformer_config(model_config: ml_collections.ConfigDict):
-    from scaling.models.transformer import TransformerConfig
+def transformer_config(model_config: ml_collections.ConfigDict, platform: str | None = None,
+                       seq_len: int | None = None):
+    """The model's config with `attention=auto` resolved for `platform` (see
+    `transformer.choose_attention`)."""
+    from scaling.models.transformer import TransformerConfig, choose_attention
 
     fields = {f.name for f in dataclasses.fields(TransformerConfig)}
     unknown = sorted(set(model_config.keys()) - fields - {"name"})
     if unknown:
         raise UserError(f"--config.model: unknown transformer fields {', '.join(unknown)}; "
                         f"expected some of {', '.join(sorted(fields))}")
+    values = {k: v for k, v in model_config.items() if k in fields}
+    if "attention" in values:
+        values["attention"] = choose_attention(values["attention"], platform, seq_len)
     try:
-        return TransformerConfig(**{k: v for k, v in model_config.items() if k in fields})
+        return TransformerConfig(**values)
     except UserError as e:  # its messages start with the field: name the flag that sets it
         raise UserError(f"--config.model.{e}") from None
 

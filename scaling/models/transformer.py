@@ -31,11 +31,13 @@ XLA:CPU 1.3x slower. Unrolled, compile time grows with depth and, under FSDP, XL
 every layer's gathered parameters from the forward pass to the backward instead of gathering
 them again, so large models keep the loop.
 
-The attention core has two written forms (`attention`): `grouped_einsum`, the default, which
-XLA lays out best on accelerators, and `batched_matmul` with a hand-written backward, which
-keeps XLA:CPU's products in its fast matmul library; that CPU-only trick lives in
-`scaling.models.cpu_attention`. Both take a boolean mask (B or 1, L, S) of the keys each query
-may see: one causal mask broadcast over the batch, or with `segment_ids_BL` one per row.
+The attention core (`attention`) is the Pallas splash kernel on TPU (`splash`, in
+`scaling.models.tpu_attention`, which `auto` picks there), or one of two written forms:
+`grouped_einsum`, which XLA lays out best on GPU, and `batched_matmul` with a hand-written
+backward, which keeps XLA:CPU's products in its fast matmul library; that CPU-only trick lives
+in `scaling.models.cpu_attention`. Decoding with the KV cache always uses a written form.
+The written forms take a boolean mask (B or 1, L, S) of the keys each query may see: one
+causal mask broadcast over the batch, or with `segment_ids_BL` one per row.
 
 A row may pack several documents (`segment_ids_BL` numbers them 1, 2, ... from the row's start;
 0 is padding). Each token then attends only to earlier tokens of its own document and takes its
@@ -89,7 +91,7 @@ class TransformerConfig:
     norm_eps: float = 1e-6
     scan_layers: bool = True
     scan_unroll: int = 1  # layers per iteration of the scanned loop; num_layers removes it
-    attention: str = "grouped_einsum"  # how the attention core is written: ATTENTION_FORMS
+    attention: str = "auto"  # ATTENTION_CHOICES; auto unresolved (no platform) is grouped_einsum
     loss_chunk: int = 0  # > 0: return a tiled_loss.Projection, logits made this many at a time
 
     def __post_init__(self):
@@ -104,9 +106,9 @@ class TransformerConfig:
                             f"num_heads={self.num_heads}")
         if self.head_dim % 2:
             raise UserError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        if self.attention not in ATTENTION_FORMS:
+        if self.attention not in ATTENTION_CHOICES:
             raise UserError(f"attention={self.attention!r}: expected one of "
-                            f"{', '.join(ATTENTION_FORMS)}")
+                            f"{', '.join(ATTENTION_CHOICES)}")
         if self.loss_chunk < 0 or self.loss_chunk > self.max_seq_len:
             raise UserError(f"loss_chunk={self.loss_chunk}: positions per chunk of the tiled "
                             f"loss, from 1 to max_seq_len={self.max_seq_len}; 0 turns it off")
@@ -199,6 +201,33 @@ def grouped_einsum_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: ja
 
 ATTENTION_FORMS = {"grouped_einsum": grouped_einsum_attention,
                    "batched_matmul": cpu_attention.batched_matmul_attention}
+# `model.attention`: a written form above, the TPU kernel, or auto (one per platform).
+ATTENTION_CHOICES = ("auto", *ATTENTION_FORMS, "splash")
+SPLASH_LANES = 128  # the splash kernel's sequence lengths are multiples of this
+
+
+def choose_attention(choice: str, platform: str | None, seq_len: int | None) -> str:
+    """`model.attention` for the devices the model runs on.
+
+    `auto` takes the Pallas splash kernel on TPU where the training length suits it (a
+    multiple of 128), and `grouped_einsum` elsewhere; `batched_matmul`, faster on a CPU, is
+    chosen by the CPU experiments themselves. An explicit `splash` that the platform cannot
+    run is a user error. A mesh that is only a shape (`platform` None) keeps the portable
+    form.
+    """
+    fits = seq_len is None or seq_len % SPLASH_LANES == 0
+    if choice == "auto":
+        return "splash" if platform == "tpu" and fits else "grouped_einsum"
+    if choice == "splash":
+        if platform not in ("tpu", None):
+            raise UserError(f"--config.model.attention=splash runs on TPU only; these devices "
+                            f"are {platform}: use auto, grouped_einsum or batched_matmul")
+        if not fits:
+            raise UserError(f"--config.model.attention=splash needs --config.data.seq_len "
+                            f"to be a multiple of {SPLASH_LANES}, not {seq_len}")
+        if platform is None:
+            return "grouped_einsum"
+    return choice
 
 
 class Attention(nn.Module):
@@ -256,11 +285,19 @@ class Attention(nn.Module):
             k_BSKDh, v_BSKDh = k_BLKDh, v_BLKDh
         k_slot_S = jnp.arange(k_BSKDh.shape[1])
 
-        if segment_ids_BL is None:
-            mask_BLS = (k_slot_S[None, :] <= q_slot_L[:, None])[None]  # shared by every row
+        if c.attention == "splash" and not self.decode:  # a training pass: S is L
+            from scaling.models import tpu_attention  # Pallas: 0.35 s to import, TPU only
+
+            out_BLHDh = tpu_attention.sharded_splash_attention(q_BLHDh, k_BSKDh, v_BSKDh,
+                                                               segment_ids_BL)
         else:
-            mask_BLS = segment_mask(segment_ids_BL)  # a training pass: S is L
-        out_BLHDh = ATTENTION_FORMS[c.attention](q_BLHDh, k_BSKDh, v_BSKDh, mask_BLS)
+            if segment_ids_BL is None:  # one mask shared by every row
+                mask_BLS = (k_slot_S[None, :] <= q_slot_L[:, None])[None]
+            else:
+                mask_BLS = segment_mask(segment_ids_BL)  # a training pass: S is L
+            # The KV cache keeps the portable form, whatever trains.
+            form = c.attention if c.attention in ATTENTION_FORMS else "grouped_einsum"
+            out_BLHDh = ATTENTION_FORMS[form](q_BLHDh, k_BSKDh, v_BSKDh, mask_BLS)
         out_BLHDh = constrain(out_BLHDh, names)
         return (out_BLHDh.reshape(B * L, H * Dh) @ w_HDhD.reshape(H * Dh, D)).reshape(B, L, D)
 

@@ -89,7 +89,7 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
               num_train: int, experiment=None) -> Run:
     """Compile nothing yet: jit wrappers, shardings and the abstract state, from shapes only."""
     rules = mesh_lib.rules_from_config(config)
-    model = make_model(config, experiment)
+    model = make_model(config, experiment, mesh_lib.platform(mesh))
     total, per_epoch = total_steps_for(config, num_train)
     tx, schedule = make_optimizer(config.optimizer, total)
     task = get_task(config.task)
@@ -247,7 +247,8 @@ def setup(config: ml_collections.ConfigDict, experiment=None, devices=None):
     """
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     check_batch_divisible(config, mesh, mesh_lib.rules_from_config(config))
-    dataset = load_dataset(config)
+    make_model(config, experiment, mesh_lib.platform(mesh))  # choices the devices refuse fail
+    dataset = load_dataset(config)                            # before any data is read
     vocab = config.model.get("vocab_size")
     if dataset.tokenizer is not None and vocab is not None and vocab < dataset.tokenizer.vocab_size:
         raise UserError(f"--config.model.vocab_size={vocab}: the tokenizer has "
