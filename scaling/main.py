@@ -142,8 +142,10 @@ def run_prepare(config, workdir: Path | None, experiment) -> None:
         raise UserError(f"--mode=prepare tokenizes a text corpus; {config.experiment} trains "
                         f"on {config.data.name}, which needs no preparing")
     prepare_lib.prepare(config)
+    where = (f" --config.data.prepared_dir={config.data.prepared_dir}"
+             if config.data.prepared_dir else "")
     print(f"prepared in {prepare_lib.corpus_root(config)}; train with: python -m scaling.main "
-          f"--experiment={FLAGS.experiment}", flush=True)
+          f"--experiment={FLAGS.experiment}{where}", flush=True)
 
 
 def run_preflight(config, workdir: Path, experiment) -> None:

@@ -301,3 +301,26 @@ def test_a_tfds_source_keeps_its_own_splits(tmp_path, monkeypatch):
     corpus = text.load_text_corpus(config)
     stream = corpus.eval_splits["validation"].stream
     assert corpus.tokenizer.decode(stream.read(np.array([0]), 10)[0]) == "held out 0"
+
+
+def test_prepare_then_train_from_the_command_line(tmp_path, documents):
+    common = ["--experiment=python_code_lm",
+              f"--config.data.sources=text:{tmp_path}/docs/**/*.txt",
+              f"--config.data.prepared_dir={tmp_path / 'prepared'}",
+              "--config.data.validation_fraction=0.2", *[f"--config.{o}" for o in TINY_MODEL]]
+    prepared = run_cli(*common, "--mode=prepare")
+    assert prepared.returncode == 0, prepared.stderr
+    assert "ETA" in prepared.stderr
+    assert (f"train with: python -m scaling.main --experiment=python_code_lm "
+            f"--config.data.prepared_dir={tmp_path / 'prepared'}") in prepared.stdout
+    trained = run_cli(*common, f"--workdir={tmp_path / 'run'}", "--config.num_steps=4",
+                      "--config.optimizer.warmup_steps=1", "--config.batch_size=8",
+                      "--config.eval_batch_size=8", "--config.steps_per_call=2",
+                      "--config.log_every_steps=2")
+    assert trained.returncode == 0, trained.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == [2, 4]
+    assert all(0 <= r["data_wait_fraction"] < 1 for r in train)
+    assert any(r["split"] == "validation" for r in records)
+    assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()
