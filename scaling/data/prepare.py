@@ -35,6 +35,7 @@ from scaling.data.tokenizer import (
     fingerprint,
     load_tokenizer,
     make_tokenizer,
+    matches_config,
     save_tokenizer,
 )
 from scaling.errors import UserError
@@ -239,8 +240,8 @@ def _make_tokenizer(config, specs: list[SourceSpec], units: dict[str, list[Unit]
 
 
 def _sample_lines(specs, units, options: ReadOptions, limit: int) -> Iterable[str]:
-    """Lines of the first documents of every source's units, about `limit` bytes in all."""
-    taken = 0
+    """Lines of the first documents of every source's units, about `limit` characters in all,
+    shared evenly between the sources."""
     per_source = limit // len(specs)
     for spec in specs:
         source_taken = 0
@@ -254,7 +255,6 @@ def _sample_lines(specs, units, options: ReadOptions, limit: int) -> Iterable[st
                     break
             if source_taken >= per_source:
                 break
-        taken += source_taken
 
 
 def _train_sentencepiece(config, specs, units, options: ReadOptions, root: Path) -> Tokenizer:
@@ -281,22 +281,6 @@ def _train_sentencepiece(config, specs, units, options: ReadOptions, root: Path)
     return make_tokenizer("sentencepiece", "", f"{prefix}.model")
 
 
-def _check_tokenizer_unchanged(root: Path, config) -> None:
-    """Refuse to add shards with a tokenizer other than the one already in `root`."""
-    saved = load_tokenizer(root / TOKENIZER_DIR)
-    if saved is None:
-        return
-    data = config.data
-    kind = saved.saved_form()[0]["kind"]
-    other = kind != data.tokenizer
-    if not other and data.tokenizer_model and kind != "char":
-        other = fingerprint(make_tokenizer(kind, "", data.tokenizer_model)) != fingerprint(saved)
-    if other:
-        raise UserError(f"--config.data.prepared_dir={root}: holds shards prepared with another "
-                        f"tokenizer ({kind}, {fingerprint(saved)}); choose another "
-                        "--config.data.prepared_dir, or delete that folder to prepare anew")
-
-
 def prepare(config, out=None) -> dict[str, dict]:
     """Prepare every source of the config's corpus; return each source's manifest."""
     out = out or sys.stderr
@@ -310,8 +294,12 @@ def prepare(config, out=None) -> dict[str, dict]:
     except OSError as e:
         raise UserError(f"--config.data.prepared_dir={root}: cannot write there "
                         f"({e.strerror})") from None
-    _check_tokenizer_unchanged(root, config)
     tokenizer = load_tokenizer(root / TOKENIZER_DIR)
+    if tokenizer is not None and not matches_config(tokenizer, data):
+        raise UserError(f"--config.data.prepared_dir={root}: holds shards prepared with another "
+                        f"tokenizer ({tokenizer.saved_form()[0]['kind']}, "
+                        f"{fingerprint(tokenizer)}); choose another --config.data.prepared_dir, "
+                        "or delete that folder to prepare anew")
     if tokenizer is None:
         tokenizer = _make_tokenizer(config, specs, units, options, root)
     manifests = {}

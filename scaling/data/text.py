@@ -17,7 +17,13 @@ import numpy as np
 from scaling.data import prepare as prepare_lib
 from scaling.data.packed_windows import TokenStream, WindowOrder, Windows
 from scaling.data.text_sources import SourceSpec
-from scaling.data.tokenizer import TOKENIZER_DIR, Tokenizer, fingerprint, load_tokenizer
+from scaling.data.tokenizer import (
+    TOKENIZER_DIR,
+    Tokenizer,
+    fingerprint,
+    load_tokenizer,
+    matches_config,
+)
 from scaling.errors import UserError
 
 
@@ -95,14 +101,8 @@ def corpus_tokenizer(config, root: Path) -> Tokenizer:
         raise UserError(f"the corpus is not prepared in {root} (no tokenizer there); prepare "
                         f"it first: {prepare_command(config)}")
     data = config.data
-    kind = tokenizer.saved_form()[0]["kind"]
-    mismatch = kind != data.tokenizer
-    if not mismatch and data.tokenizer_model and kind != "char":
-        from scaling.data.tokenizer import make_tokenizer
-
-        wanted = make_tokenizer(kind, "", data.tokenizer_model)
-        mismatch = fingerprint(wanted) != fingerprint(tokenizer)
-    if mismatch:
+    if not matches_config(tokenizer, data):
+        kind = tokenizer.saved_form()[0]["kind"]
         raise UserError(f"--config.data.tokenizer={data.tokenizer}"
                         + (f" --config.data.tokenizer_model={data.tokenizer_model}"
                            if data.tokenizer_model else "")

@@ -184,6 +184,19 @@ def fingerprint(tokenizer: Tokenizer) -> str:
     return digest.hexdigest()[:16]
 
 
+def matches_config(tokenizer: Tokenizer, data_config) -> bool:
+    """Whether `tokenizer` (a saved one) is the one `data.tokenizer` and `data.tokenizer_model`
+    ask for: the same kind and, where the config names a model file, the same contents. A
+    character vocabulary comes from its corpus, so its kind is all the config can say."""
+    kind = tokenizer.saved_form()[0]["kind"]
+    if kind != data_config.tokenizer:
+        return False
+    if not data_config.tokenizer_model or kind == "char":
+        return True
+    wanted = make_tokenizer(kind, "", data_config.tokenizer_model)
+    return fingerprint(wanted) == fingerprint(tokenizer)
+
+
 TOKENIZER_DIR = "tokenizer"  # in the workdir
 # The saved copy: one JSON file naming the kind; the model file beside it, if any.
 SAVED_FILE = "tokenizer.json"

@@ -62,6 +62,10 @@ def transformer_config(model_config: ml_collections.ConfigDict, platform: str | 
     values = {k: v for k, v in model_config.items() if k in fields}
     if "attention" in values:
         values["attention"] = choose_attention(values["attention"], platform, seq_len)
+    chunk = values.get("loss_chunk", 0)
+    if chunk and seq_len and seq_len % chunk:  # known here, before any data is read
+        raise UserError(f"--config.model.loss_chunk={chunk}: must divide the sequence length "
+                        f"{seq_len} (--config.data.seq_len)")
     try:
         return TransformerConfig(**values)
     except UserError as e:  # its messages start with the field: name the flag that sets it
