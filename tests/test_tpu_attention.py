@@ -219,7 +219,7 @@ def test_auto_attention_keeps_a_written_form_off_tpu_or_off_the_lane_width():
     from scaling.models.transformer import choose_attention
 
     assert choose_attention("auto", "cpu", 256) == "grouped_einsum"
-    assert choose_attention("auto", "gpu", 256) == "grouped_einsum"
+    assert choose_attention("auto", "gpu", 256) == "grouped_einsum"  # float32: no cuDNN
     assert choose_attention("auto", "tpu", 96) == "grouped_einsum"
     assert choose_attention("auto", None, 256) == "grouped_einsum"
     assert choose_attention("batched_matmul", "tpu", 256) == "batched_matmul"
@@ -230,12 +230,14 @@ def test_auto_attention_keeps_a_written_form_off_tpu_or_off_the_lane_width():
         choose_attention("splash", "tpu", 96)
 
 
-def test_an_explicit_splash_on_this_cpu_exits_2_naming_the_option(tmp_path):
+@pytest.mark.parametrize("kernel, platform", [("splash", "TPU"), ("cudnn", "GPU")])
+def test_an_explicit_kernel_on_this_cpu_exits_2_naming_the_option(tmp_path, kernel, platform):
     from conftest import run_cli
 
     result = run_cli("--experiment=shakespeare_char_lm", f"--workdir={tmp_path}",
                      f"--config.data.manual_dir={tmp_path / 'no_corpus_needed'}",
-                     "--config.model.attention=splash", "--config.num_steps=2",
-                     "--config.optimizer.warmup_steps=1")
+                     f"--config.model.attention={kernel}", "--config.model.dtype=bfloat16",
+                     "--config.num_steps=2", "--config.optimizer.warmup_steps=1")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "error: --config.model.attention=splash runs on TPU only" in result.stderr
+    assert (f"error: --config.model.attention={kernel} runs on {platform} only"
+            in result.stderr)

@@ -234,9 +234,9 @@ MODEL_FIELDS = {
         Field("model.loss_chunk", int, 0, "positions per chunk of the tiled output projection "
               "and loss (never the whole float32 logits); 0: dense logits", minimum=0),
         Field("model.attention", str, "auto", "how attention is computed: auto (the splash "
-              "kernel on TPU, grouped_einsum elsewhere), grouped_einsum, batched_matmul (faster "
-              "on a CPU), splash (TPU)",
-              choices=("auto", "grouped_einsum", "batched_matmul", "splash")),
+              "kernel on TPU, cuDNN's on GPU in bfloat16, grouped_einsum elsewhere), "
+              "grouped_einsum, batched_matmul (faster on a CPU), splash (TPU), cudnn (GPU)",
+              choices=("auto", "grouped_einsum", "batched_matmul", "splash", "cudnn")),
     ),
 }
 

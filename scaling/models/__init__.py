@@ -61,7 +61,9 @@ def transformer_config(model_config: ml_collections.ConfigDict, platform: str | 
                         f"expected some of {', '.join(sorted(fields))}")
     values = {k: v for k, v in model_config.items() if k in fields}
     if "attention" in values:
-        values["attention"] = choose_attention(values["attention"], platform, seq_len)
+        values["attention"] = choose_attention(
+            values["attention"], platform, seq_len, values.get("dtype", "float32"),
+            values.get("head_dim"))
     chunk = values.get("loss_chunk", 0)
     if chunk and seq_len and seq_len % chunk:  # known here, before any data is read
         raise UserError(f"--config.model.loss_chunk={chunk}: must divide the sequence length "

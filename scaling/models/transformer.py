@@ -32,7 +32,9 @@ every layer's gathered parameters from the forward pass to the backward instead 
 them again, so large models keep the loop.
 
 The attention core (`attention`) is the Pallas splash kernel on TPU (`splash`, in
-`scaling.models.tpu_attention`, which `auto` picks there), or one of two written forms:
+`scaling.models.tpu_attention`), cuDNN's fused kernel on GPU (`cudnn`, in
+`scaling.models.gpu_attention`), both of which `auto` picks on their platform, or one of two
+written forms:
 `grouped_einsum`, which XLA lays out best on GPU, and `batched_matmul` with a hand-written
 backward, which keeps XLA:CPU's products in its fast matmul library; that CPU-only trick lives
 in `scaling.models.cpu_attention`. Decoding with the KV cache always uses a written form.
@@ -202,32 +204,47 @@ def grouped_einsum_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: ja
 ATTENTION_FORMS = {"grouped_einsum": grouped_einsum_attention,
                    "batched_matmul": cpu_attention.batched_matmul_attention}
 # `model.attention`: a written form above, the TPU kernel, or auto (one per platform).
-ATTENTION_CHOICES = ("auto", *ATTENTION_FORMS, "splash")
+ATTENTION_CHOICES = ("auto", *ATTENTION_FORMS, "splash", "cudnn")
 SPLASH_LANES = 128  # the splash kernel's sequence lengths are multiples of this
 
 
-def choose_attention(choice: str, platform: str | None, seq_len: int | None) -> str:
+def choose_attention(choice: str, platform: str | None, seq_len: int | None,
+                     dtype: Any = jnp.float32, head_dim: int | None = None) -> str:
     """`model.attention` for the devices the model runs on.
 
-    `auto` takes the Pallas splash kernel on TPU where the training length suits it (a
-    multiple of 128), and `grouped_einsum` elsewhere; `batched_matmul`, faster on a CPU, is
-    chosen by the CPU experiments themselves. An explicit `splash` that the platform cannot
-    run is a user error. A mesh that is only a shape (`platform` None) keeps the portable
-    form.
+    `auto` takes a fused kernel where the platform has one and the config suits it: Pallas
+    splash on TPU (a training length that is a multiple of 128), cuDNN on GPU (bfloat16 or
+    float16, heads of at most 128); elsewhere `grouped_einsum`. `batched_matmul`, faster on a
+    CPU, is chosen by the CPU experiments themselves. An explicit kernel that the platform or
+    config cannot run is a user error. A mesh that is only a shape (`platform` None) keeps
+    the portable form.
     """
-    fits = seq_len is None or seq_len % SPLASH_LANES == 0
+    from scaling.models import gpu_attention
+
+    fits_splash = seq_len is None or seq_len % SPLASH_LANES == 0
+    fits_cudnn = gpu_attention.usable(dtype, head_dim)
     if choice == "auto":
-        return "splash" if platform == "tpu" and fits else "grouped_einsum"
-    if choice == "splash":
-        if platform not in ("tpu", None):
-            raise UserError(f"--config.model.attention=splash runs on TPU only; these devices "
-                            f"are {platform}: use auto, grouped_einsum or batched_matmul")
-        if not fits:
-            raise UserError(f"--config.model.attention=splash needs --config.data.seq_len "
-                            f"to be a multiple of {SPLASH_LANES}, not {seq_len}")
-        if platform is None:
-            return "grouped_einsum"
-    return choice
+        if platform == "tpu" and fits_splash:
+            return "splash"
+        if platform == "gpu" and fits_cudnn:
+            return "cudnn"
+        return "grouped_einsum"
+    kernel_platform = {"splash": "tpu", "cudnn": "gpu"}.get(choice)
+    if kernel_platform is None:
+        return choice
+    if platform not in (kernel_platform, None):
+        raise UserError(f"--config.model.attention={choice} runs on {kernel_platform.upper()} "
+                        f"only; these devices are {platform}: use auto, grouped_einsum or "
+                        f"batched_matmul")
+    if choice == "splash" and not fits_splash:
+        raise UserError(f"--config.model.attention=splash needs --config.data.seq_len "
+                        f"to be a multiple of {SPLASH_LANES}, not {seq_len}")
+    if choice == "cudnn" and not fits_cudnn:
+        raise UserError(f"--config.model.attention=cudnn needs --config.model.dtype bfloat16 "
+                        f"or float16 (not {jnp.dtype(dtype).name}) and --config.model.head_dim "
+                        f"a multiple of 8 up to {gpu_attention.CUDNN_MAX_HEAD_DIM} "
+                        f"(not {head_dim})")
+    return "grouped_einsum" if platform is None else choice
 
 
 class Attention(nn.Module):
@@ -290,6 +307,11 @@ class Attention(nn.Module):
 
             out_BLHDh = tpu_attention.sharded_splash_attention(q_BLHDh, k_BSKDh, v_BSKDh,
                                                                segment_ids_BL)
+        elif c.attention == "cudnn" and not self.decode:
+            from scaling.models import gpu_attention
+
+            out_BLHDh = gpu_attention.cudnn_attention(q_BLHDh, k_BSKDh, v_BSKDh,
+                                                      segment_ids_BL)
         else:
             if segment_ids_BL is None:  # one mask shared by every row
                 mask_BLS = (k_slot_S[None, :] <= q_slot_L[:, None])[None]

@@ -1,0 +1,41 @@
+"""Attention on NVIDIA GPUs: cuDNN's fused flash attention through `jax.nn.dot_product_attention`.
+
+The fused kernel never writes the (B, H, L, S) scores to memory, and with a causal mask it
+skips the blocks above the diagonal, so it does about half the written forms' attention work
+and holds none of their float32 probabilities for the backward pass.
+
+cuDNN runs bfloat16 or float16 inputs with heads of at most 128 (a multiple of 8); `usable`
+says whether a config qualifies, and `auto` falls back to `grouped_einsum` where it does not.
+Packed documents reach the kernel as a boolean mask, which JAX turns into an additive bias of
+(B, 1, L, S) in the compute dtype: memory that grows with L², but no float32 scores and no
+probabilities, and the causal flag still lets the kernel skip the upper triangle.
+
+`implementation="xla"` runs the same call through XLA's portable path, which is how the CPU
+tests check the masks and layout of this form against the written ones.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+CUDNN_MAX_HEAD_DIM = 128
+
+
+def usable(dtype, head_dim: int | None) -> bool:
+    """Whether cuDNN's fused kernel takes this compute dtype and head width (None: any)."""
+    fits_head = head_dim is None or (head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM)
+    return jnp.dtype(dtype) in CUDNN_DTYPES and fits_head
+
+
+def cudnn_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: jax.Array,
+                    segment_ids_BL: jax.Array | None, implementation: str = "cudnn"
+                    ) -> jax.Array:
+    """Causal grouped-query attention of a training pass (S is L), kept within each packed
+    document when `segment_ids_BL` is given; the result is (B, L, H, Dh) like the query."""
+    from scaling.models.transformer import segment_mask  # the module that imports this one
+
+    mask_B1LS = None if segment_ids_BL is None else segment_mask(segment_ids_BL)[:, None]
+    return jax.nn.dot_product_attention(q_BLHDh, k_BSKDh, v_BSKDh, mask=mask_B1LS,
+                                        is_causal=True, implementation=implementation)
