@@ -55,7 +55,7 @@ def test_a_used_name_without_a_rule_is_refused(experiment, dropped, extra):
 
 
 @pytest.mark.parametrize("physical, message", [
-    ("tensr", "names 'tensr', which is not a mesh axis; mesh axes: data, fsdp, tensor, or "
+    ("tensr", "names 'tensr', which is not a mesh axis; mesh axes: data, fsdp, context, tensor, or "
               "None to replicate. Did you mean: tensor?"),
     (("data", "pipeline"), "names 'pipeline', which is not a mesh axis"),
     (("data", "data"), "names a mesh axis twice"),

@@ -217,7 +217,8 @@ def test_every_field_has_a_type_default_and_help():
 def test_config_json_holds_the_resolved_config(tmp_path):
     config, _ = config_lib.load_config("fashion_mnist_mlp", [])
     assert {"nan_policy", "xla_options", "sharding_rules"} <= set(config.to_dict())
-    assert set(config.mesh) == {"data", "fsdp", "tensor", "dcn_data", "dcn_fsdp", "dcn_tensor"}
+    assert set(config.mesh) == {"data", "fsdp", "context", "tensor", "dcn_data", "dcn_fsdp",
+                               "dcn_context", "dcn_tensor"}
 
 
 def test_describe_lists_every_field_with_its_value_and_help(tmp_path):

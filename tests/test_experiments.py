@@ -67,7 +67,7 @@ def test_experiment_is_self_contained_and_documented(path):
 def test_lm_8b_reports_memory_per_chip_for_its_documented_mesh():
     config, module = config_lib.load_config("lm_8b", [])
     mesh = mesh_lib.make_abstract_mesh(config.mesh, 64)
-    assert dict(mesh.shape) == {"data": 1, "fsdp": 16, "tensor": 4}
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 16, "context": 1, "tensor": 4}
     run = build_run(config, mesh, data.element_spec(config), num_train=1, experiment=module)
     params = state_summary.parameter_count(run.abstract_state.params)
     assert 8.0e9 < params < 8.1e9
@@ -76,4 +76,4 @@ def test_lm_8b_reports_memory_per_chip_for_its_documented_mesh():
     # float32 params plus two AdamW moments, split 64 ways (a few small arrays replicated).
     assert per_chip == pytest.approx(params * 12 / 64, rel=0.01)
     table = run_lib.describe(config, 64, module)
-    assert "parameters          8,030,261,248" in table and "fsdp=16, tensor=4" in table
+    assert "parameters          8,030,261,248" in table and "fsdp=16, context=1, tensor=4" in table

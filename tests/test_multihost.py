@@ -52,7 +52,7 @@ def test_two_processes_see_the_same_batches_as_one(tmp_path, straight_run):
 def test_multi_slice_hybrid_mesh_spans_processes(tmp_path, straight_run):
     """Each process stands in for a slice: data = 4 within a process x 2 across them."""
     result = launch(tmp_path, 2, 4, "--config.num_steps=20", "--config.mesh.dcn_data=2")
-    assert "mesh                data=8, fsdp=1, tensor=1" in result.stdout
+    assert "mesh                data=8, fsdp=1, context=1, tensor=1" in result.stdout
     losses = train_losses(tmp_path)
     for step, loss in straight_run.items():
         assert losses[step] == pytest.approx(loss, rel=1e-5), step

@@ -31,7 +31,8 @@ MESHES = {"dp": ["mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1"],
           "fsdp": ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1"],
           "tp": ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=8"],
           "dp, 2 microbatches": ["mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1",
-                                 "grad_accum_steps=2"]}
+                                 "grad_accum_steps=2"],
+          "context": ["mesh.data=2", "mesh.fsdp=1", "mesh.context=4", "mesh.tensor=1"]}
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="compiling for a TPU needs libtpu: "
                                          "pip install -e '.[tpu]'")
@@ -65,6 +66,13 @@ def test_collective_bytes_agree_with_the_analytic_formulas(parallelism):
         assert analytic["all-gather"] == 4 * (parameter_count(params)
                                           + parameter_count(params["layers"]))
         assert analytic[step_report.GRADIENTS] == 4 * parameter_count(params)
+    elif parallelism == "context":  # keys and values of 8 rows gathered whole, and logits
+        kv, logits = 8 * 32 * 8 * 8 * 4, 8 * 32 * 256 * 4
+        assert analytic["all-gather"] == 2 * 3 * kv + logits
+        # Gradients all-reduced over data and, separately, over context; keys', values' and
+        # logits' gradients reduced back.
+        assert analytic[step_report.GRADIENTS] == (2 * 4 * parameter_count(params)
+                                                   + 2 * 3 * kv + logits)
     else:  # per layer 2 forward + 5 backward activation all-reduces, 2 for the vocabulary
         activation = 16 * 32 * 64 * 4
         assert analytic[step_report.GRADIENTS] == (7 * 3 + 2) * activation

@@ -85,7 +85,7 @@ def test_a_length_off_the_lane_width_is_refused():
 
 
 def test_heads_that_do_not_split_over_the_tensor_axis_are_refused():
-    mesh = AbstractMesh((1, 1, 4), mesh_lib.MESH_AXES)
+    mesh = AbstractMesh((1, 1, 1, 4), mesh_lib.MESH_AXES)
     q = jax.ShapeDtypeStruct((B, L, H, Dh), jnp.float32)
     kv = jax.ShapeDtypeStruct((B, L, K, Dh), jnp.float32)
     with pytest.raises(UserError, match="4 query and 2 key/value heads must both split"):
@@ -120,7 +120,7 @@ def test_splash_equals_einsum_attention_in_the_interpreter(packed):
 def test_sharded_splash_under_the_training_rules_equals_einsum_attention():
     """Batch over (data, fsdp) and heads over tensor on 8 CPU devices, with the axes read from
     the default logical rules as the model would see them in a training step."""
-    devices = np.asarray(jax.devices()[:8]).reshape(2, 2, 2)
+    devices = np.asarray(jax.devices()[:8]).reshape(2, 2, 1, 2)
     mesh = Mesh(devices, mesh_lib.MESH_AXES)
     q, k, v, cotangent = inputs(batch=4)
     segment_ids = jnp.concatenate([packed_segment_ids()] * 2)
@@ -151,7 +151,7 @@ def kernels(compiled_text: str) -> dict[str, str]:
 @pytest.mark.parametrize("packed", [False, True], ids=["causal", "documents"])
 def test_compiles_to_splash_kernels_per_shard_on_a_v5e_2x2_slice(packed):
     devices = topology.compile_only_devices(topology.parse_slice("v5e-4"))
-    mesh = Mesh(np.asarray(devices).reshape(2, 1, 2), mesh_lib.MESH_AXES)
+    mesh = Mesh(np.asarray(devices).reshape(2, 1, 1, 2), mesh_lib.MESH_AXES)
     batch, seq, heads, kv_heads, head_dim = 4, 1024, 8, 4, 128  # two 512-slot blocks a row
     qkv_sharding = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
 

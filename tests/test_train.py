@@ -131,8 +131,8 @@ def test_config_json_round_trips(tmp_path, tiny_idx_dir):
     config, _ = tiny_config(tiny_idx_dir, "mesh.fsdp=2", "mesh.data=4")
     write_config(config, tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())
-    assert written["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1,
-                              "dcn_tensor": 1}
+    assert written["mesh"] == {"data": 4, "fsdp": 2, "context": 1, "tensor": 1, "dcn_data": 1,
+                              "dcn_fsdp": 1, "dcn_context": 1, "dcn_tensor": 1}
     assert np.isclose(written["optimizer"]["learning_rate"], 1e-3)
 
 

@@ -243,7 +243,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"--config.log_every_steps={config.log_every_steps}: must be positive")
     require(config.keep_checkpoints > 0,
             f"--config.keep_checkpoints={config.keep_checkpoints}: must be positive")
-    for axis in ("data", "fsdp", "tensor"):
+    for axis in schema.MESH_AXES:
         size = config.mesh[axis]
         require(size == -1 or size > 0,
                 f"--config.mesh.{axis}={size}: must be a positive size, or -1 for the rest")

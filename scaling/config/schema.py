@@ -122,15 +122,17 @@ def _plain(value: Any) -> Any:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 # Every logical axis name the built-in models use (scaling.models.axes), mapped onto the
-# mesh: batches over data x fsdp, weights' embed axis split by FSDP, heads, MLP units and
-# vocabulary by tensor parallelism; the rest replicated.
+# mesh: batches over data x fsdp, the sequence of activations over context, weights' embed
+# axis split by FSDP, heads, MLP units and vocabulary by tensor parallelism; the rest
+# replicated.
 DEFAULT_SHARDING_RULES = (
     ("batch", ("data", "fsdp")),
-    ("seq", None),
+    ("seq", "context"),
     ("embed", "fsdp"),
+    ("residual", None),
     ("heads", "tensor"),
     ("kv", None),
     ("mlp", "tensor"),

@@ -23,6 +23,7 @@ import flax.linen as nn
 BATCH = "batch"      # examples of a batch
 SEQ = "seq"          # positions of a sequence
 EMBED = "embed"      # model width
+RESIDUAL = "residual"  # model width of the residual stream between layers (an activation)
 HEADS = "heads"      # attention heads (query and key/value)
 KV = "kv"            # the width of one attention head
 MLP = "mlp"          # hidden units of an MLP
@@ -30,7 +31,7 @@ VOCAB = "vocab"      # vocabulary entries
 LAYERS = "layers"    # the stacked layers of a scanned model
 CLASSES = "classes"  # a classifier's outputs
 
-LOGICAL_AXES = (BATCH, SEQ, EMBED, HEADS, KV, MLP, VOCAB, LAYERS, CLASSES)
+LOGICAL_AXES = (BATCH, SEQ, EMBED, RESIDUAL, HEADS, KV, MLP, VOCAB, LAYERS, CLASSES)
 
 _seen: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("axes_seen",
                                                                         default=None)

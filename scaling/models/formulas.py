@@ -56,6 +56,7 @@ class StepLayout:
     data_parallel: int           # devices the batch is split over
     params: tuple[ParamLayout, ...]
     platform: str                # cpu, gpu or tpu
+    sequence_parallel: int = 1   # devices each sequence's activations are split over
 
     @property
     def narrow(self) -> bool:
@@ -76,6 +77,10 @@ def parameter_collectives(layout: StepLayout, *, compute_itemsize: int, microbat
     - Data parallelism (and FSDP): the gradient of every parameter is reduced over the batch
       axes, a buffer of the parameter's size after tensor sharding; with data × fsdp both > 1
       the FSDP shard is all-reduced over `data` as well.
+    - Context parallelism: devices that hold the same params for different positions of a
+      sequence all-reduce each gradient (its FSDP shard) over the sequence's axes too, a
+      collective of its own: XLA reduces over the positions inside the weight gradient's
+      matmul, before the batch reduction.
     - FSDP: each parameter split over fsdp is all-gathered where it is used: params that
       `scanned` picks (layers in a loop) in the forward pass and again in the backward pass,
       the rest once.
@@ -96,10 +101,13 @@ def parameter_collectives(layout: StepLayout, *, compute_itemsize: int, microbat
                     else p.itemsize)
         reduced = compute_itemsize if layout.narrow and matrix and is_scanned else p.itemsize
         elements = p.gathered_elements(mesh_shape) * microbatches
+        shard = elements / mesh_shape["fsdp"] if fsdp_split else elements
         if fsdp_split or layout.data_parallel > 1:
             totals[GRADIENTS] += elements * reduced
-        if fsdp_split and mesh_shape["data"] > 1:
-            totals[GRADIENTS] += elements * reduced / mesh_shape["fsdp"]
+        if fsdp_split and layout.data_parallel > mesh_shape["fsdp"]:
+            totals[GRADIENTS] += shard * reduced
+        if layout.sequence_parallel > 1:
+            totals[GRADIENTS] += shard * reduced
         if fsdp_split:
             totals[ALL_GATHER] += (2 if is_scanned else 1) * elements * gathered
     return totals

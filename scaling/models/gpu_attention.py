@@ -30,12 +30,25 @@ def usable(dtype, head_dim: int | None) -> bool:
 
 
 def cudnn_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: jax.Array,
-                    segment_ids_BL: jax.Array | None, implementation: str = "cudnn"
+                    segment_ids_BL: jax.Array | None,
+                    kv_segment_ids_BS: jax.Array | None = None,
+                    q_slot_L: jax.Array | None = None, implementation: str = "cudnn"
                     ) -> jax.Array:
-    """Causal grouped-query attention of a training pass (S is L), kept within each packed
-    document when `segment_ids_BL` is given; the result is (B, L, H, Dh) like the query."""
-    from scaling.models.transformer import segment_mask  # the module that imports this one
+    """Causal grouped-query attention of a training pass, kept within each packed document
+    when `segment_ids_BL` is given; the result is (B, L, H, Dh) like the query.
 
-    mask_B1LS = None if segment_ids_BL is None else segment_mask(segment_ids_BL)[:, None]
+    Keys and values are the whole sequence in order. Queries are too, unless `q_slot_L`
+    gives each query's slot (a sequence reordered for context parallelism): the causal flag
+    then no longer describes the mask, so the mask goes to the kernel whole.
+    """
+    from scaling.models.transformer import causal_mask, segment_mask  # it imports this one
+
+    if q_slot_L is None and segment_ids_BL is None:
+        mask_B1LS = None
+    elif segment_ids_BL is None:
+        mask_B1LS = causal_mask(q_slot_L, k_BSKDh.shape[1])[:, None]
+    else:
+        mask_B1LS = segment_mask(segment_ids_BL, kv_segment_ids_BS, q_slot_L)[:, None]
     return jax.nn.dot_product_attention(q_BLHDh, k_BSKDh, v_BSKDh, mask=mask_B1LS,
-                                        is_causal=True, implementation=implementation)
+                                        is_causal=q_slot_L is None,
+                                        implementation=implementation)

@@ -23,16 +23,23 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from scaling.models import context
+
 
 def _chunks(x_BL, chunk: int):
-    """(B, L, ...) as (N, B, C, ...), for a scan over chunks of positions."""
+    """(B, L, ...) as (N, B, C, ...), for a scan over chunks of positions.
+
+    Chunk n holds positions n, n+N, n+2N, ...: strided, so that a sequence split over
+    devices (context parallelism) gives every device its share of every chunk, and the scan
+    never moves positions between devices. The sums do not depend on the order.
+    """
     B, L = x_BL.shape[:2]
-    return jnp.moveaxis(x_BL.reshape((B, L // chunk, chunk) + x_BL.shape[2:]), 1, 0)
+    return jnp.moveaxis(x_BL.reshape((B, chunk, L // chunk) + x_BL.shape[2:]), 2, 0)
 
 
 def _unchunk(x_NBC):
     N, B, C = x_NBC.shape[:3]
-    return jnp.moveaxis(x_NBC, 0, 1).reshape((B, N * C) + x_NBC.shape[3:])
+    return jnp.moveaxis(x_NBC, 0, 2).reshape((B, C * N) + x_NBC.shape[3:])
 
 
 def _block(x_BCD, w_DV):
@@ -97,12 +104,19 @@ tiled_cross_entropy.defvjp(_forward, _backward)
 @flax.struct.dataclass
 class Projection:
     """What a language model returns instead of logits when its loss is tiled: the final
-    hidden states and the output projection, for `cross_entropy` to meet chunk by chunk."""
+    hidden states and the output projection, for `cross_entropy` to meet chunk by chunk.
+
+    With `seq_shards` > 1 the hidden states are in the order that context parallelism gives
+    the sequence (`scaling.models.context`), and the targets are reordered to meet them."""
     hidden_BLD: jax.Array
     w_DV: jax.Array
     chunk: int = flax.struct.field(pytree_node=False)
+    seq_shards: int = flax.struct.field(pytree_node=False, default=1)
 
     def cross_entropy(self, targets_BL: jax.Array, weights_BL: jax.Array
                       ) -> tuple[jax.Array, jax.Array]:
+        if self.seq_shards > 1:
+            order = context.balanced_order(targets_BL.shape[1], self.seq_shards)
+            targets_BL, weights_BL = targets_BL[:, order], weights_BL[:, order]
         return tiled_cross_entropy(self.hidden_BLD, self.w_DV, targets_BL, weights_BL,
                                    self.chunk)

@@ -47,11 +47,13 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
-from jax.sharding import AbstractMesh, Mesh, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from scaling.errors import UserError
-from scaling.models.axes import BATCH, HEADS
+from scaling.models import context
+from scaling.models.axes import BATCH, HEADS, SEQ
 
 LANES = 128  # the kernel's blocks are whole multiples of the TPU's lane width
 BLOCK_CHOICES = (512, 256, LANES)
@@ -108,22 +110,55 @@ def splash_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: jax.Array,
     mask = splash.MultiHeadMask([splash.CausalMask((L, S)) for _ in range(H)])
     kernel = splash.make_splash_mha(mask, block_sizes=block_sizes, head_shards=1,
                                     q_seq_shards=1, interpret=interpret)
+    ids_BL = None if segment_ids_BL is None else _padding_apart(segment_ids_BL, jnp.arange(L))
+    return _apply(kernel, q_BLHDh, k_BSKDh, v_BSKDh, ids_BL, ids_BL)
 
+
+def _padding_apart(segment_ids_BL: jax.Array, slot_L: jax.Array) -> jax.Array:
+    """Segment ids with each padding slot given its own negative id (-1 - slot), so that
+    "same id and causal" lets padding see only itself, as `transformer.segment_mask` does."""
+    ids_BL = segment_ids_BL.astype(jnp.int32)
+    return jnp.where(ids_BL == 0, -1 - slot_L.astype(jnp.int32), ids_BL)
+
+
+def _apply(kernel, q_BLHDh, k_BSKDh, v_BSKDh, q_ids_BL, kv_ids_BS) -> jax.Array:
+    """The kernel over a batch: queries scaled, heads moved in front of the sequence, the
+    batch vmapped (one grid axis of one launch)."""
+    Dh = q_BLHDh.shape[-1]
     q_BHLDh = jnp.swapaxes(q_BLHDh * jnp.asarray(Dh**-0.5, q_BLHDh.dtype), 1, 2)
     k_BKSDh = jnp.swapaxes(k_BSKDh, 1, 2)
     v_BKSDh = jnp.swapaxes(v_BSKDh, 1, 2)
-    if segment_ids_BL is None:
+    if q_ids_BL is None:
         out_BHLDh = jax.vmap(kernel)(q_BHLDh, k_BKSDh, v_BKSDh)
     else:
-        ids_BL = segment_ids_BL.astype(jnp.int32)
-        ids_BL = jnp.where(ids_BL == 0, -1 - jnp.arange(L, dtype=jnp.int32), ids_BL)
-
-        def one_example(q_HLDh, k_KSDh, v_KSDh, ids_L):
+        def one_example(q_HLDh, k_KSDh, v_KSDh, q_ids_L, kv_ids_S):
             return kernel(q_HLDh, k_KSDh, v_KSDh,
-                          segment_ids=splash.SegmentIds(q=ids_L, kv=ids_L))
+                          segment_ids=splash.SegmentIds(q=q_ids_L, kv=kv_ids_S))
 
-        out_BHLDh = jax.vmap(one_example)(q_BHLDh, k_BKSDh, v_BKSDh, ids_BL)
+        out_BHLDh = jax.vmap(one_example)(q_BHLDh, k_BKSDh, v_BKSDh, q_ids_BL, kv_ids_BS)
     return jnp.swapaxes(out_BHLDh, 1, 2)
+
+
+def _context_kernel(L: int, H: int, seq_shards: int, block_sizes: splash.BlockSizes | None,
+                    interpret: bool):
+    """The kernel for queries reordered and split over `seq_shards` devices
+    (`scaling.models.context`), against all L keys in order.
+
+    The causal mask compares each query's original slot (the mask's `q_sequence`, which the
+    kernel also reads to mask inside partial blocks) with the key's; its block tables are
+    built for the whole sequence and split over the devices with the queries. A block of
+    queries must not straddle two of the order's chunks, so blocks divide the chunk length.
+    """
+    chunk = L // (2 * seq_shards)
+    if chunk % LANES:
+        raise UserError(f"splash attention with the sequence split over {seq_shards} devices "
+                        f"needs --config.data.seq_len to be a multiple of 2 x {seq_shards} x "
+                        f"{LANES} = {2 * seq_shards * LANES}, not {L}")
+    block_sizes = default_block_sizes(chunk) if block_sizes is None else block_sizes
+    causal = splash.CausalMask((L, L), shard_count=seq_shards)
+    causal.q_sequence = np.asarray(context.balanced_order(L, seq_shards))
+    return splash.make_splash_mha(splash.MultiHeadMask([causal] * H), block_sizes=block_sizes,
+                                  head_shards=1, q_seq_shards=seq_shards, interpret=interpret)
 
 
 def _axis_names(entry: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -133,7 +168,9 @@ def _axis_names(entry: str | Sequence[str] | None) -> tuple[str, ...]:
 
 
 def sharded_splash_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: jax.Array,
-                             segment_ids_BL: jax.Array | None = None, *,
+                             segment_ids_BL: jax.Array | None = None,
+                             kv_segment_ids_BS: jax.Array | None = None, *,
+                             seq_shards: int = 1,
                              mesh: Mesh | AbstractMesh | None = None,
                              batch_axes: str | Sequence[str] | None = None,
                              head_axes: str | Sequence[str] | None = None,
@@ -141,28 +178,30 @@ def sharded_splash_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: ja
                              interpret: bool = False) -> jax.Array:
     """`splash_attention` run once per device under `jax.shard_map`, inside a GSPMD program.
 
-    Examples are split over `batch_axes` and heads over `head_axes`; sequence and head width
-    stay whole, since the kernel needs every key of a query's row. Splitting query and
+    Examples are split over `batch_axes` and heads over `head_axes`. Splitting query and
     key/value heads alike keeps each group together: a shard holds query heads
     [i·H/n, (i+1)·H/n) and key/value heads [i·K/n, (i+1)·K/n), the ones they read.
-    GSPMD reshards the inputs to this layout if they arrive otherwise (with the project's
-    default rules they already do), and the output leaves in it.
+    With `seq_shards` > 1 (context parallelism) the queries arrive reordered by
+    `context.balanced_order` and split over the mesh axes of `seq`, with their segment ids;
+    keys, values and `kv_segment_ids_BS` are the whole sequence in order on every device.
+    Otherwise sequence and head width stay whole. GSPMD reshards the inputs to this layout
+    if they arrive otherwise, and the output leaves in it.
 
     Left as None, the mesh is the one set by `jax.set_mesh` and the axes are those the
-    logical rules in scope (`nn.logical_axis_rules`) give `batch` and `heads`, which is how
-    the training step traces the model; with no mesh set it runs `splash_attention` as is.
+    logical rules in scope (`nn.logical_axis_rules`) give `batch`, `seq` and `heads`, which is
+    how the training step traces the model; with no mesh set it runs `splash_attention` as is.
     """
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     if mesh.empty:
         return splash_attention(q_BLHDh, k_BSKDh, v_BSKDh, segment_ids_BL,
                                 block_sizes=block_sizes, interpret=interpret)
-    if batch_axes is None or head_axes is None:
-        logical = nn.logical_to_mesh_axes((BATCH, HEADS))
-        batch_axes = logical[0] if batch_axes is None else batch_axes
-        head_axes = logical[1] if head_axes is None else head_axes
-    batch_axes, head_axes = _axis_names(batch_axes), _axis_names(head_axes)
+    logical = nn.logical_to_mesh_axes((BATCH, SEQ, HEADS))
+    batch_axes = _axis_names(logical[0] if batch_axes is None else batch_axes)
+    head_axes = _axis_names(logical[2] if head_axes is None else head_axes)
+    seq_axes = _axis_names(logical[1]) if seq_shards > 1 else ()
 
-    B, H, K = q_BLHDh.shape[0], q_BLHDh.shape[2], k_BSKDh.shape[2]
+    B, L, H = q_BLHDh.shape[:3]
+    K = k_BSKDh.shape[2]
     batch_shards = math.prod(mesh.shape[a] for a in batch_axes)
     head_shards = math.prod(mesh.shape[a] for a in head_axes)
     if B % batch_shards:
@@ -171,20 +210,42 @@ def sharded_splash_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: ja
     if H % head_shards or K % head_shards:
         raise UserError(f"splash attention: {H} query and {K} key/value heads must both split "
                         f"over the mesh axes {head_axes} of {head_shards} devices")
+    if math.prod(mesh.shape[a] for a in seq_axes) != (seq_shards if seq_axes else 1):
+        raise ValueError(f"seq_shards={seq_shards} is not the size of the sequence's mesh "
+                         f"axes {seq_axes}")
 
-    batch_spec, head_spec = batch_axes or None, head_axes or None
-    qkv_spec = PartitionSpec(batch_spec, None, head_spec, None)
-    ids_spec = PartitionSpec(batch_spec, None)
+    batch_spec, head_spec, seq_spec = batch_axes or None, head_axes or None, seq_axes or None
+    q_spec = PartitionSpec(batch_spec, seq_spec, head_spec, None)
+    kv_spec = PartitionSpec(batch_spec, None, head_spec, None)
+    if seq_shards == 1:
+        q_ids = kv_ids = segment_ids_BL
 
-    def local(q_BLHDh, k_BSKDh, v_BSKDh, *segment_ids):
-        return splash_attention(q_BLHDh, k_BSKDh, v_BSKDh, *segment_ids,
-                                block_sizes=block_sizes, interpret=interpret)
+        def local(q_BLHDh, k_BSKDh, v_BSKDh, q_ids_BL, kv_ids_BS):
+            return splash_attention(q_BLHDh, k_BSKDh, v_BSKDh, q_ids_BL,
+                                    block_sizes=block_sizes, interpret=interpret)
 
-    args = (q_BLHDh, k_BSKDh, v_BSKDh)
-    specs = (qkv_spec,) * 3
-    if segment_ids_BL is not None:
-        args, specs = args + (segment_ids_BL,), specs + (ids_spec,)
+        kernel, kernel_spec = None, None
+    else:
+        kernel = _context_kernel(L, H, seq_shards, block_sizes, interpret)
+        kernel_spec = kernel.manual_sharding_spec(
+            NamedSharding(mesh, PartitionSpec(None, seq_spec)))
+        if segment_ids_BL is None:
+            q_ids = kv_ids = None
+        else:
+            q_ids = _padding_apart(segment_ids_BL,
+                                   jnp.asarray(context.balanced_order(L, seq_shards)))
+            kv_ids = _padding_apart(kv_segment_ids_BS, jnp.arange(L))
+
+        def local(q_BLHDh, k_BSKDh, v_BSKDh, q_ids_BL, kv_ids_BS, kernel):
+            return _apply(kernel, q_BLHDh, k_BSKDh, v_BSKDh, q_ids_BL, kv_ids_BS)
+
+    args = [q_BLHDh, k_BSKDh, v_BSKDh, q_ids, kv_ids]
+    specs = [q_spec, kv_spec, kv_spec, PartitionSpec(batch_spec, seq_spec),
+             PartitionSpec(batch_spec, None)]
+    if kernel is not None:
+        args.append(kernel)
+        specs.append(kernel_spec)
     # check_vma=False: the kernel's output shapes carry no record of which mesh axes they vary
     # over, which jax's varying-axes check requires of every pallas_call under shard_map.
-    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=qkv_spec,
+    return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=q_spec,
                          check_vma=False)(*args)

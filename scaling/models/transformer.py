@@ -15,12 +15,15 @@ S is L in a training pass and `max_seq_len` when decoding against the KV cache.
 T is B·L, the tokens of a batch flattened. Dense layers run as (T, in) @ (in, out) matmuls so
 that their weight gradients contract a single axis: XLA:CPU lowers the two-axis ("bl")
 contraction of an einsum's weight gradient through a strided transpose that cost 40% of a
-training step, for the same arithmetic.
+training step, for the same arithmetic. A sequence split over devices (context parallelism)
+keeps the einsum instead: B·L is not one sharded axis when both B and L are split, so the
+flattening would gather every layer's activations whole (2 GiB of them per matmul for a
+32k-token `lm_8b`).
 
-Only logical axis names appear here (batch, seq, embed, heads, kv, mlp, vocab, layers, from
-`scaling.models.axes`); the config's rules map them to mesh axes. Key and value projections
-name their head axis `heads` too, so a rule that splits `heads` over a mesh axis must divide
-K as well as H.
+Only logical axis names appear here (batch, seq, embed, residual, heads, kv, mlp, vocab,
+layers, from `scaling.models.axes`); the config's rules map them to mesh axes. Key and value
+projections name their head axis `heads` too, so a rule that splits `heads` over a mesh axis
+must divide K as well as H.
 
 The layers are one `Block` scanned `num_layers` times, so the compiled program holds one
 layer body whatever the depth, and every layer parameter has a leading `layers` axis.
@@ -61,8 +64,19 @@ import jax.numpy as jnp
 import ml_collections
 
 from scaling.errors import UserError
-from scaling.models import cpu_attention, formulas
-from scaling.models.axes import BATCH, EMBED, HEADS, KV, LAYERS, MLP, SEQ, VOCAB, constrain
+from scaling.models import context, cpu_attention, formulas
+from scaling.models.axes import (
+    BATCH,
+    EMBED,
+    HEADS,
+    KV,
+    LAYERS,
+    MLP,
+    RESIDUAL,
+    SEQ,
+    VOCAB,
+    constrain,
+)
 from scaling.models.tiled_loss import Projection
 
 REMAT_POLICIES = {
@@ -128,6 +142,15 @@ def _param(module: nn.Module, name: str, init: nn.initializers.Initializer,
     return value.astype(config.dtype)
 
 
+def dense(x_BLN: jax.Array, w_NM: jax.Array, flatten: bool) -> jax.Array:
+    """x (B, L, N) @ w (N, M) over the last axis: as one (B·L, N) matmul when `flatten` (the
+    CPU's fast path, see the module docstring), else as an einsum that keeps L's sharding."""
+    B, L, N = x_BLN.shape
+    if flatten:
+        return (x_BLN.reshape(B * L, N) @ w_NM).reshape(B, L, w_NM.shape[1])
+    return jnp.einsum("bln,nm->blm", x_BLN, w_NM)
+
+
 def _fan_in_init(in_axis: int | tuple[int, ...],
                  out_axis: int | tuple[int, ...]) -> nn.initializers.Initializer:
     # LeCun normal over multi-axis kernels: fan-in is the contracted axes (D, or H·Dh).
@@ -163,19 +186,32 @@ def _masked_softmax(logits_LS: jax.Array, mask_LS: jax.Array) -> jax.Array:
     return jax.nn.softmax(jnp.where(mask_LS, logits_LS, jnp.finfo(jnp.float32).min), axis=-1)
 
 
-def segment_mask(segment_ids_BL: jax.Array) -> jax.Array:
-    """The keys each query of a packed row may see (B, L, L): earlier tokens of its document.
+def causal_mask(q_slot_L: jax.Array, S: int) -> jax.Array:
+    """The keys each query may see (1, L, S), queries at slots `q_slot_L` of S keys in order."""
+    return (jnp.arange(S)[None, :] <= q_slot_L[:, None])[None]
+
+
+def segment_mask(segment_ids_BL: jax.Array, kv_segment_ids_BS: jax.Array | None = None,
+                 q_slot_L: jax.Array | None = None) -> jax.Array:
+    """The keys each query of a packed row may see (B, L, S): earlier tokens of its document.
+
+    Keys are the row's tokens in order (`kv_segment_ids_BS`, by default the queries' own
+    ids); queries sit at slots `q_slot_L` (by default 0..L-1; a sequence reordered for
+    context parallelism passes each query's original slot).
 
     Padding (segment 0) is seen by no real token. A padding query sees only itself: every
     softmax row then keeps one key, where an empty row would give NaN with -inf logits, or,
     with the finite minimum used here, a uniform mix of keys it must not see.
     """
-    L = segment_ids_BL.shape[1]
-    slot_L = jnp.arange(L)
-    causal_LL = slot_L[None, :] <= slot_L[:, None]
-    same_BLL = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
-    real_B1L = (segment_ids_BL != 0)[:, None, :]
-    return (causal_LL & same_BLL & real_B1L) | jnp.eye(L, dtype=bool)
+    kv_ids_BS = segment_ids_BL if kv_segment_ids_BS is None else kv_segment_ids_BS
+    L, S = segment_ids_BL.shape[1], kv_ids_BS.shape[1]
+    q_slot_L = jnp.arange(L) if q_slot_L is None else q_slot_L
+    slot_S = jnp.arange(S)
+    causal_1LS = causal_mask(q_slot_L, S)
+    same_BLS = segment_ids_BL[:, :, None] == kv_ids_BS[:, None, :]
+    real_B1S = (kv_ids_BS != 0)[:, None, :]
+    itself_1LS = (slot_S[None, :] == q_slot_L[:, None])[None]
+    return (causal_1LS & same_BLS & real_B1S) | itself_1LS
 
 
 def grouped_einsum_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: jax.Array,
@@ -249,10 +285,16 @@ def choose_attention(choice: str, platform: str | None, seq_len: int | None,
 
 class Attention(nn.Module):
     """Causal grouped-query attention with an optional KV cache (the flax lm1b pattern),
-    kept within each packed document when given segment ids."""
+    kept within each packed document when given segment ids.
+
+    With `seq_shards` > 1 the sequence arrives reordered and split for context parallelism
+    (`scaling.models.context`): keys and values are gathered whole and put back in order,
+    and each query is masked by its original slot.
+    """
 
     config: TransformerConfig
     decode: bool = False
+    seq_shards: int = 1
 
     @nn.compact
     def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array | None,
@@ -268,12 +310,11 @@ class Attention(nn.Module):
                         (HEADS, KV, EMBED))
 
         names = (BATCH, SEQ, HEADS, KV)
-        x_TD = x_BLD.reshape(B * L, D)
+        flatten = self.seq_shards == 1
 
         def project(w_DNDh):
-            # One contracting axis per matmul, also in the weight gradient; see the docstring.
             N = w_DNDh.shape[1]
-            y_BLNDh = (x_TD @ w_DNDh.reshape(D, N * Dh)).reshape(B, L, N, Dh)
+            y_BLNDh = dense(x_BLD, w_DNDh.reshape(D, N * Dh), flatten).reshape(B, L, N, Dh)
             return constrain(y_BLNDh, names)
 
         q_BLHDh, k_BLKDh, v_BLKDh = project(w_DHDh), project(wk_DKDh), project(wv_DKDh)
@@ -300,28 +341,38 @@ class Attention(nn.Module):
         else:
             # A training pass, or the init that creates the cache (which must not write it).
             k_BSKDh, v_BSKDh = k_BLKDh, v_BLKDh
-        k_slot_S = jnp.arange(k_BSKDh.shape[1])
+        kv_segment_ids_BS = segment_ids_BL
+        if self.seq_shards > 1:  # a training pass, reordered: S is L
+            q_slot_L = jnp.asarray(context.balanced_order(L, self.seq_shards))
+            inverse = context.inverse_order(L, self.seq_shards)
+            whole = (BATCH, None, HEADS, KV)  # all-gathered over the sequence's devices
+            k_BSKDh = constrain(k_BSKDh, whole)[:, inverse]
+            v_BSKDh = constrain(v_BSKDh, whole)[:, inverse]
+            if segment_ids_BL is not None:
+                kv_segment_ids_BS = segment_ids_BL[:, inverse]
 
         if c.attention == "splash" and not self.decode:  # a training pass: S is L
             from scaling.models import tpu_attention  # Pallas: 0.35 s to import, TPU only
 
-            out_BLHDh = tpu_attention.sharded_splash_attention(q_BLHDh, k_BSKDh, v_BSKDh,
-                                                               segment_ids_BL)
+            out_BLHDh = tpu_attention.sharded_splash_attention(
+                q_BLHDh, k_BSKDh, v_BSKDh, segment_ids_BL, kv_segment_ids_BS,
+                seq_shards=self.seq_shards)
         elif c.attention == "cudnn" and not self.decode:
             from scaling.models import gpu_attention
 
-            out_BLHDh = gpu_attention.cudnn_attention(q_BLHDh, k_BSKDh, v_BSKDh,
-                                                      segment_ids_BL)
+            out_BLHDh = gpu_attention.cudnn_attention(
+                q_BLHDh, k_BSKDh, v_BSKDh, segment_ids_BL, kv_segment_ids_BS,
+                q_slot_L if self.seq_shards > 1 else None)
         else:
             if segment_ids_BL is None:  # one mask shared by every row
-                mask_BLS = (k_slot_S[None, :] <= q_slot_L[:, None])[None]
-            else:
-                mask_BLS = segment_mask(segment_ids_BL)  # a training pass: S is L
+                mask_BLS = causal_mask(q_slot_L, k_BSKDh.shape[1])
+            else:  # a training pass: S is L
+                mask_BLS = segment_mask(segment_ids_BL, kv_segment_ids_BS, q_slot_L)
             # The KV cache keeps the portable form, whatever trains.
             form = c.attention if c.attention in ATTENTION_FORMS else "grouped_einsum"
             out_BLHDh = ATTENTION_FORMS[form](q_BLHDh, k_BSKDh, v_BSKDh, mask_BLS)
         out_BLHDh = constrain(out_BLHDh, names)
-        return (out_BLHDh.reshape(B * L, H * Dh) @ w_HDhD.reshape(H * Dh, D)).reshape(B, L, D)
+        return dense(out_BLHDh.reshape(B, L, H * Dh), w_HDhD.reshape(H * Dh, D), flatten)
 
     def _cache_variables(self, B: int) -> _Cache:
         c = self.config
@@ -348,6 +399,7 @@ class Mlp(nn.Module):
     """SwiGLU: a gated hidden layer, which beats a plain GELU MLP at equal FLOPs."""
 
     config: TransformerConfig
+    seq_shards: int = 1  # devices the sequence is split over: see `dense`
 
     @nn.compact
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
@@ -359,29 +411,35 @@ class Mlp(nn.Module):
         down_FD = _param(self, "down", init, (F, D), (MLP, EMBED))
         names = (BATCH, SEQ, MLP)
         B, L = x_BLD.shape[:2]
-        x_TD = x_BLD.reshape(B * L, D)
-        gate_BLF = constrain((x_TD @ gate_DF).reshape(B, L, F), names)
-        up_BLF = constrain((x_TD @ up_DF).reshape(B, L, F), names)
-        hidden_TF = (nn.silu(gate_BLF) * up_BLF).reshape(B * L, F)
-        return (hidden_TF @ down_FD).reshape(B, L, D)
+        flatten = self.seq_shards == 1
+        gate_BLF = constrain(dense(x_BLD, gate_DF, flatten), names)
+        up_BLF = constrain(dense(x_BLD, up_DF, flatten), names)
+        return dense(nn.silu(gate_BLF) * up_BLF, down_FD, flatten)
 
 
 class Block(nn.Module):
-    """One pre-norm layer; its (carry, None) signature is what nn.scan needs."""
+    """One pre-norm layer; its (carry, None) signature is what nn.scan needs.
+
+    The residual stream it carries is named (batch, seq, residual). Splitting `residual` (over
+    tensor, say) keeps the stream between layers, which full remat saves for every layer,
+    at 1/n of its size a device; each layer gathers it where a matmul needs the whole width,
+    and its output all-reduces become reduce-scatters.
+    """
 
     config: TransformerConfig
     decode: bool = False
+    seq_shards: int = 1  # devices the sequence is split over (context parallelism)
 
     @nn.compact
     def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array | None,
                  segment_ids_BL: jax.Array | None) -> tuple[jax.Array, None]:
-        names = (BATCH, SEQ, EMBED)
+        names = (BATCH, SEQ, RESIDUAL)
         h_BLD = RMSNorm(self.config, name="attention_norm")(x_BLD)
-        attention = Attention(self.config, self.decode, name="attention")
+        attention = Attention(self.config, self.decode, self.seq_shards, name="attention")
         x_BLD = x_BLD + attention(h_BLD, positions_BL, segment_ids_BL)
         x_BLD = constrain(x_BLD, names)
         h_BLD = RMSNorm(self.config, name="mlp_norm")(x_BLD)
-        x_BLD = x_BLD + Mlp(self.config, name="mlp")(h_BLD)
+        x_BLD = x_BLD + Mlp(self.config, self.seq_shards, name="mlp")(h_BLD)
         return constrain(x_BLD, names), None
 
 
@@ -411,13 +469,24 @@ class Transformer(nn.Module):
             raise ValueError("segment_ids_BL with decode=True: the KV cache holds one "
                              "sequence per row, so decode without segment ids")
         c = self.config
+        # Context parallelism: a split sequence is reordered to balance causal attention
+        # (`scaling.models.context`); the outputs come back in the callers' order.
+        L = tokens_BL.shape[1]
+        seq_shards = 1 if decode else context.sequence_shards()
+        if seq_shards > 1:
+            order = context.balanced_order(L, seq_shards)
+            if positions_BL is None:
+                positions_BL = jnp.broadcast_to(jnp.arange(L), tokens_BL.shape)
+            tokens_BL, positions_BL = tokens_BL[:, order], positions_BL[:, order]
+            if segment_ids_BL is not None:
+                segment_ids_BL = segment_ids_BL[:, order]
         embedding_VD = self.param(
             "embedding", nn.with_logical_partitioning(nn.linear.default_embed_init,
                                                       (VOCAB, EMBED)),
             (c.vocab_size, c.embed_dim), c.param_dtype)
         # Gather before casting, so bfloat16 compute never copies the whole table.
         x_BLD = jnp.take(embedding_VD, tokens_BL, axis=0).astype(c.dtype)
-        x_BLD = constrain(x_BLD, (BATCH, SEQ, EMBED))
+        x_BLD = constrain(x_BLD, (BATCH, SEQ, RESIDUAL))
 
         layer = Block
         policy = REMAT_POLICIES[c.remat_policy]
@@ -432,15 +501,16 @@ class Transformer(nn.Module):
                             in_axes=(nn.broadcast, nn.broadcast),
                             length=c.num_layers, unroll=unroll,
                             metadata_params={nn.PARTITION_NAME: LAYERS})
-            x_BLD, _ = stack(c, decode, name="layers")(x_BLD, positions_BL, segment_ids_BL)
+            x_BLD, _ = stack(c, decode, seq_shards, name="layers")(x_BLD, positions_BL,
+                                                                   segment_ids_BL)
         else:
             for i in range(c.num_layers):
-                x_BLD, _ = layer(c, decode, name=f"layers_{i}")(x_BLD, positions_BL,
-                                                                segment_ids_BL)
+                x_BLD, _ = layer(c, decode, seq_shards, name=f"layers_{i}")(
+                    x_BLD, positions_BL, segment_ids_BL)
 
         x_BLD = RMSNorm(c, name="final_norm")(x_BLD)
         if c.loss_chunk and not decode:
-            return self._projection(x_BLD, embedding_VD)
+            return self._projection(x_BLD, embedding_VD, seq_shards)
         if c.tie_embeddings:
             logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, embedding_VD.astype(c.dtype),
                                     preferred_element_type=jnp.float32)
@@ -449,12 +519,16 @@ class Transformer(nn.Module):
                                (EMBED, VOCAB))
             logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, output_DV,
                                     preferred_element_type=jnp.float32)
+        if seq_shards > 1:
+            logits_BLV = logits_BLV[:, context.inverse_order(L, seq_shards)]
         return constrain(logits_BLV, (BATCH, SEQ, VOCAB))
 
 
-    def _projection(self, x_BLD: jax.Array, embedding_VD: jax.Array) -> Projection:
+    def _projection(self, x_BLD: jax.Array, embedding_VD: jax.Array,
+                    seq_shards: int) -> Projection:
         """The final hidden states and the output projection, for the tiled loss to meet
-        chunk by chunk (`loss_chunk`), in place of the (B, L, V) float32 logits."""
+        chunk by chunk (`loss_chunk`), in place of the (B, L, V) float32 logits. The hidden
+        states stay in the model's order; the loss reorders the targets to meet them."""
         c = self.config
         if x_BLD.shape[1] % c.loss_chunk:
             raise UserError(f"--config.model.loss_chunk={c.loss_chunk}: must divide the "
@@ -464,7 +538,8 @@ class Transformer(nn.Module):
         else:
             w_DV = _param(self, "output", _fan_in_init(0, 1), (c.embed_dim, c.vocab_size),
                           (EMBED, VOCAB))
-        return Projection(constrain(x_BLD, (BATCH, SEQ, EMBED)), w_DV, c.loss_chunk)
+        return Projection(constrain(x_BLD, (BATCH, SEQ, EMBED)), w_DV, c.loss_chunk,
+                          seq_shards)
 
 
 def init_cache(model: Transformer, batch_size: int) -> dict:
@@ -523,6 +598,14 @@ def collective_bytes(model: Transformer, config: ml_collections.ConfigDict,
     `tensor`, the embedding lookup (in the table's dtype) and the input gradient of the
     float32 logits.
 
+    Context parallelism (the sequence split over `layout.sequence_parallel` devices): each
+    layer gathers its keys and values whole (a buffer of the local rows' full sequence, local
+    key/value heads, compute dtype), again when full remat recomputes the layer, and reduces
+    their gradients in the backward pass; the tensor all-reduces above then carry only the
+    device's share of the sequence. Whole logits (no `loss_chunk`) are gathered once to put
+    them back in order, and their gradient reduced back; the tiled loss reorders the targets
+    instead, which costs nothing.
+
     XLA is free to do otherwise, and preflight's comparison shows where it did: for a small
     embedding table split over fsdp it sends the looked-up rows by all-to-all instead of
     gathering the table and reducing its gradient; under full remat on TPU it may gather a
@@ -534,10 +617,23 @@ def collective_bytes(model: Transformer, config: ml_collections.ConfigDict,
     totals = formulas.parameter_collectives(layout, compute_itemsize=compute_itemsize,
                                             microbatches=config.grad_accum_steps,
                                             scanned=_scanned)
+    recompute = 1 if c.remat_policy == "full" else 0
+    rows = config.batch_size // layout.data_parallel
+    if layout.sequence_parallel > 1:
+        kv_bytes = (rows * config.data.seq_len * c.num_kv_heads // layout.mesh_shape["tensor"]
+                    * c.head_dim * compute_itemsize)
+        totals[formulas.ALL_GATHER] += 2 * (1 + recompute) * kv_bytes * c.num_layers
+        totals[formulas.GRADIENTS] += 2 * kv_bytes * c.num_layers
+        if not c.loss_chunk:  # whole float32 logits, put back in order for the caller
+            vocab_split = max((layout.mesh_shape["tensor"] for p in layout.params
+                               if p.path[0] in ("embedding", "output")
+                               and "tensor" in p.mesh_axes), default=1)
+            logits_bytes = rows * config.data.seq_len * c.vocab_size // vocab_split * 4
+            totals[formulas.ALL_GATHER] += logits_bytes
+            totals[formulas.GRADIENTS] += logits_bytes  # and their gradient scattered back
     if layout.mesh_shape["tensor"] > 1:
-        tokens = config.batch_size // layout.data_parallel * config.data.seq_len
+        tokens = rows * config.data.seq_len // layout.sequence_parallel
         backward = 2 if layout.narrow else 5
-        recompute = 1 if c.remat_policy == "full" else 0
         per_layer = 2 + backward + recompute
         totals[formulas.GRADIENTS] += (tokens * c.embed_dim * compute_itemsize * per_layer
                                        * c.num_layers)

@@ -277,8 +277,35 @@ def _windowed(computation: str) -> str | None:
     return {"ag": "all-gather", "rs": "reduce-scatter"}[match.group(1)] if match else None
 
 
+# The Pallas splash-attention kernels (`scaling.models.tpu_attention`) are custom calls whose
+# matmuls XLA's own count cannot see; Pallas names each call after its kernel. Each runs
+# (B, H, Lq, Dh) queries against S keys with this many matmuls of B·H·Lq·S·Dh multiply-adds:
+# forward QKᵀ and PV; dq recomputes QKᵀ, then dP and dQ; dk/dv recomputes QKᵀ, then dV, dP,
+# dK. Under a causal mask the kernel skips the blocks above the diagonal, about half.
+SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
+_SPLASH_KERNEL = re.compile(r"splash_mha_(fwd|dq|dkv)_")
+CAUSAL_SHARE = 0.5
+
+
+def splash_flops(module: Module, instruction: Instruction) -> float:
+    """FLOPs of one splash kernel call, from its operands' shapes; 0 for anything else."""
+    kernel = _SPLASH_KERNEL.match(instruction.name)
+    if instruction.opcode != "custom-call" or kernel is None:
+        return 0.0
+    arrays = [array_dims(module.shape(o)) for o in instruction.operands]
+    arrays = [dims for dims in arrays if len(dims) == 4]
+    if not arrays:
+        return 0.0
+    B, H, Lq, Dh = max(arrays, key=lambda dims: dims[1])  # queries have the most heads
+    S = max(dims[2] for dims in arrays)
+    return SPLASH_MATMULS[kernel.group(1)] * 2.0 * B * H * Lq * S * Dh * CAUSAL_SHARE
+
+
 def matmul_flops(module: Module, instruction: Instruction) -> float:
-    """2 per multiply-add of a dot or convolution; everything else is cheap beside them."""
+    """2 per multiply-add of a dot, a convolution or a splash-attention kernel; everything
+    else is cheap beside them."""
+    if instruction.opcode == "custom-call":
+        return splash_flops(module, instruction)
     out = math.prod(array_dims(instruction.shape))
     if instruction.opcode == "dot":
         lhs = array_dims(module.shape(instruction.operands[0]))

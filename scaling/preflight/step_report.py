@@ -102,7 +102,8 @@ def step_layout(run: run_lib.Run, platform: str) -> StepLayout:
         params.append(ParamLayout(tuple(str(getattr(k, "key", k)) for k in path),
                                   tuple(leaf.shape), leaf.dtype.itemsize, frozenset(split)))
     return StepLayout(mesh_shape, mesh_lib.data_parallel_size(run.mesh, run.rules),
-                      tuple(params), platform)
+                      tuple(params), platform,
+                      mesh_lib.sequence_parallel_size(run.mesh, run.rules))
 
 
 def analytic_collectives(run: run_lib.Run, platform: str,
@@ -271,8 +272,9 @@ def _collective_lines(report: dict) -> list[str]:
                          f"{format_bytes(analytic):>12}")
     lines.append(f"  {'total':<28} {format_bytes(sum(groups['measured'].values())):>12} "
                  f"{format_bytes(sum(groups['analytic'].values())):>12}")
-    verdict = "agree" if agrees(groups["measured"], groups["analytic"]) else "differ"
-    lines.append(f"  they {verdict} within {groups['tolerance']:.0%} of the analytic total")
+    verdict = "agree within" if agrees(groups["measured"], groups["analytic"]) else \
+        "differ by more than"
+    lines.append(f"  they {verdict} {groups['tolerance']:.0%} of the analytic total")
     return lines
 
 

@@ -1,7 +1,8 @@
 """The device mesh, and the mapping from logical axis names to shardings.
 
 Models only name axes logically (`batch`, `embed`, `mlp`, ...). The config's
-`sharding_rules` map those names onto the mesh axes `data`, `fsdp` and `tensor`; this module
+`sharding_rules` map those names onto the mesh axes `data`, `fsdp`, `context` and `tensor`
+(outermost to innermost: the innermost get the fastest links); this module
 and the step builder are the only places that touch `jax.sharding`.
 """
 
@@ -18,10 +19,9 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
+from scaling.config.schema import MESH_AXES
 from scaling.errors import UserError
 from scaling.models import axes
-
-MESH_AXES = ("data", "fsdp", "tensor")
 
 
 def resolve_axis_sizes(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict:
@@ -141,7 +141,8 @@ def rules_from_config(config: ml_collections.ConfigDict,
                       model_axes: Collection[str] | None = None) -> tuple:
     """The config's rules as the tuple of (logical, mesh axes) pairs that flax expects.
 
-    Every rule must name a mesh axis (data, fsdp, tensor) or None, the explicit "replicated".
+    Every rule must name a mesh axis (data, fsdp, context, tensor) or None, the explicit
+    "replicated".
     With `model_axes`, the logical names the model's params and activations use, the table
     is also checked against the model: each rule must name a built-in logical axis
     (`scaling.models.axes`) or one the model uses, and each name the model uses (and
@@ -194,18 +195,28 @@ def logical_names(tree) -> set[str]:
     return names
 
 
-def batch_axes(rules: tuple) -> tuple[str, ...]:
-    """The mesh axes that the batch dimension is split over."""
-    for logical, physical in rules:
-        if logical == "batch":
+def rule_axes(rules: tuple, logical: str) -> tuple[str, ...]:
+    """The mesh axes that the first rule for `logical` splits it over."""
+    for name, physical in rules:
+        if name == logical:
             if physical is None:
                 return ()
             return (physical,) if isinstance(physical, str) else tuple(physical)
     return ()
 
 
+def batch_axes(rules: tuple) -> tuple[str, ...]:
+    """The mesh axes that the batch dimension is split over."""
+    return rule_axes(rules, axes.BATCH)
+
+
 def data_parallel_size(mesh: Mesh, rules: tuple) -> int:
     return math.prod(mesh.shape[a] for a in batch_axes(rules))
+
+
+def sequence_parallel_size(mesh: Mesh, rules: tuple) -> int:
+    """Devices the sequence of activations is split over (context parallelism)."""
+    return math.prod(mesh.shape[a] for a in rule_axes(rules, axes.SEQ))
 
 
 def batch_sharding(mesh: Mesh, rules: tuple, leading_dims: int = 0) -> NamedSharding:
