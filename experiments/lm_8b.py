@@ -15,9 +15,10 @@ Hardware: TPU v5p-128 (64 chips, 95 GiB each) with the documented mesh fsdp=16 x
 and a global batch of 512 sequences of 4096 tokens (2M tokens a step) in 4 microbatches;
 or 8 nodes of 8 H100/H200 with the same mesh. Params and AdamW state: 89.8 GiB in all,
 1.4 GiB a chip. `--mode=preflight --topology=v5p-128` compiles the step for that slice on a
-CPU, with the splash attention kernel and the tiled loss: a peak of 17.2 GiB a chip of the
-95 GiB (32.8 GiB with einsum attention and whole logits); with the whole batch in one pass
-(--config.grad_accum_steps=1) 54.8 GiB, where einsum attention and whole logits needed 109.4.
+CPU, with the splash attention kernel, the tiled loss and the residual stream split over
+tensor: a peak of 10.5 GiB a chip of the 95 GiB (10.4 GiB with einsum attention in blocks of
+1024 queries); with the whole batch in one pass (--config.grad_accum_steps=1) 29.8 GiB.
+`lm_8b_32k` is the same model on sequences of 32,768 tokens (context parallelism).
 Data: TFDS `c4/en` (365M web documents), tokenized once by --mode=prepare into sharded
 ArrayRecord files on a filesystem every host mounts (NFS, GCSFuse),
 documents packed into windows with attention kept within each.
@@ -56,7 +57,8 @@ def get_config() -> ml_collections.ConfigDict:
             "dtype": "bfloat16",
             "param_dtype": "float32",
             "remat_policy": "full",
-            "loss_chunk": 512,            # logits 512 positions at a time: 6.4 GiB less a chip
+            "query_chunk": 1024,          # einsum attention scores 1024 queries at a time
+            "loss_chunk": 512,            # logits 512 positions at a time: 3 GiB less a chip
         },
         "optimizer": {
             "name": "adamw",
@@ -69,11 +71,22 @@ def get_config() -> ml_collections.ConfigDict:
             "clip_norm": 1.0,
         },
         "batch_size": 512,
-        "grad_accum_steps": 4,        # the whole batch at once needs 109 GiB a chip
+        "grad_accum_steps": 4,        # the whole batch at once needs 29.8 GiB a chip
         "eval_batch_size": 512,
         "num_steps": 200_000,
         "log_every_steps": 10,
         "eval_every_steps": 5000,
         "mesh": {"data": 1, "fsdp": -1, "tensor": 4},
+        "sharding_rules": (
+            ("batch", ("data", "fsdp")),
+            ("seq", "context"),
+            ("embed", "fsdp"),
+            ("residual", "tensor"),   # full remat keeps the stream of every layer: 1/4 a chip
+            ("heads", "tensor"),
+            ("kv", None),
+            ("mlp", "tensor"),
+            ("vocab", "tensor"),
+            ("layers", None),
+        ),
         "sample": {"temperature": 0.8, "top_k": 40},
     })

@@ -4,6 +4,7 @@ runs on the split queries (in the Pallas interpreter here; compiled for a TPU sl
 
 import functools
 import importlib.util
+import re
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ from scaling.preflight import topology
 from scaling.runtime.metrics import read_metrics
 from scaling.training import loop
 from scaling.training import mesh as mesh_lib
+from scaling.training import run as run_lib
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="compiling for a TPU needs libtpu")
@@ -90,9 +92,32 @@ def test_the_tiled_loss_and_eval_under_context_parallelism_match_one_device(tmp_
     one = train_losses(tmp_path, corpus, "one", *tiled, "mesh.data=1", devices=jax.devices()[:1])
     split = train_losses(tmp_path, corpus, "split", *tiled, "mesh.data=2", "mesh.context=4")
     assert split == pytest.approx(one, rel=1e-4)
+    # Params split over fsdp and context together, as lm_8b_32k has them.
+    rules = [list(rule) for rule in DEFAULT_SHARDING_RULES]
+    rules[[name for name, _ in rules].index("embed")][1] = ("fsdp", "context")
+    both = train_losses(tmp_path, corpus, "both", *tiled, "mesh.data=1", "mesh.fsdp=2",
+                        "mesh.context=4", f"sharding_rules={tuple(map(tuple, rules))}")
+    assert both == pytest.approx(one, rel=1e-4)
     evals = {name: [r["loss"] for r in read_metrics(tmp_path / name) if r["split"] != "train"]
-             for name in ("one", "split")}
+             for name in ("one", "split", "both")}
     assert evals["split"] == pytest.approx(evals["one"], rel=1e-4) and evals["one"]
+    assert evals["both"] == pytest.approx(evals["one"], rel=1e-4)
+
+
+def test_each_device_holds_its_share_of_the_sequence_and_gathers_only_keys_and_values(
+        tmp_path):
+    """data=2 x context=4: a layer's activations are 4 rows x 8 of the 32 positions on each
+    device; what is gathered whole is the keys and values (and the dense logits, to put
+    them back in order), never the hidden states."""
+    short_documents(tmp_path / "docs")
+    config, module = config_lib.load_config("python_code_lm", [
+        f"data.sources=('text:{tmp_path}/docs/*.txt',)", *TINY, "mesh.data=2", "mesh.context=4",
+        "model.attention=grouped_einsum"])
+    run = run_lib.build_run_from_shapes(config, mesh_lib.make_mesh(config.mesh), module)
+    text = run_lib.lower_train_step(run).compile().as_text()
+    gathered = set(re.findall(r"= (f32\[[\d,]+\])\S* all-gather\(", text))
+    assert gathered == {"f32[4,32,2,8]", "f32[4,32,264]"}  # (rows, L, K, Dh), (rows, L, V)
+    assert "f32[4,8,32]" in text and "f32[4,32,32]" not in text
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["causal", "documents"])

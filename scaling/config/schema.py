@@ -235,6 +235,9 @@ MODEL_FIELDS = {
               "drops the loop", minimum=1),
         Field("model.loss_chunk", int, 0, "positions per chunk of the tiled output projection "
               "and loss (never the whole float32 logits); 0: dense logits", minimum=0),
+        Field("model.query_chunk", int, 0, "queries per block of grouped_einsum attention "
+              "(its float32 scores made one block at a time, forward and backward); 0: all",
+              minimum=0),
         Field("model.attention", str, "auto", "how attention is computed: auto (the splash "
               "kernel on TPU, cuDNN's on GPU in bfloat16, grouped_einsum elsewhere), "
               "grouped_einsum, batched_matmul (faster on a CPU), splash (TPU), cudnn (GPU)",

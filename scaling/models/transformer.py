@@ -109,6 +109,7 @@ class TransformerConfig:
     scan_unroll: int = 1  # layers per iteration of the scanned loop; num_layers removes it
     attention: str = "auto"  # ATTENTION_CHOICES; auto unresolved (no platform) is grouped_einsum
     loss_chunk: int = 0  # > 0: return a tiled_loss.Projection, logits made this many at a time
+    query_chunk: int = 0  # > 0: grouped_einsum makes the scores of this many queries at a time
 
     def __post_init__(self):
         # Experiment files may spell dtypes as strings; normalise so equal configs hash equal.
@@ -128,6 +129,10 @@ class TransformerConfig:
         if self.loss_chunk < 0 or self.loss_chunk > self.max_seq_len:
             raise UserError(f"loss_chunk={self.loss_chunk}: positions per chunk of the tiled "
                             f"loss, from 1 to max_seq_len={self.max_seq_len}; 0 turns it off")
+        if self.query_chunk < 0 or self.query_chunk > self.max_seq_len:
+            raise UserError(f"query_chunk={self.query_chunk}: queries per block of the "
+                            f"grouped_einsum attention, from 1 to max_seq_len="
+                            f"{self.max_seq_len}; 0 makes every score at once")
         if self.scan_unroll < 1:
             raise UserError(f"scan_unroll={self.scan_unroll}: must be at least 1 (layers per "
                             f"loop iteration; {self.num_layers} unrolls every layer)")
@@ -235,6 +240,29 @@ def grouped_einsum_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: ja
     probs_BKGLS = _masked_softmax(logits_BKGLS, mask_B11LS).astype(q_BLHDh.dtype)
     out_BLKGDh = jnp.einsum("bkgls,bskd->blkgd", probs_BKGLS, v_BSKDh)
     return out_BLKGDh.reshape(B, L, H, Dh)
+
+
+def chunked_einsum_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: jax.Array,
+                             mask_BLS: jax.Array, chunk: int) -> jax.Array:
+    """`grouped_einsum_attention` for `chunk` queries at a time, so that its float32 scores
+    exist for one block of queries only, in the forward pass and, each block recomputed, in
+    the backward. Blocks take every N-th query (strided, as the tiled loss does), so a
+    sequence split over devices gives each device its share of every block."""
+    B, L, H, Dh = q_BLHDh.shape
+    if L % chunk:
+        raise UserError(f"--config.model.query_chunk={chunk}: must divide the sequence "
+                        f"length {L}")
+    N = L // chunk
+    q_NBCHDh = jnp.moveaxis(q_BLHDh.reshape(B, chunk, N, H, Dh), 2, 0)
+    mask_NBCS = jnp.moveaxis(mask_BLS.reshape(mask_BLS.shape[0], chunk, N, -1), 2, 0)
+
+    @jax.checkpoint
+    def block(inputs):
+        q_BCHDh, mask_BCS = inputs
+        return grouped_einsum_attention(q_BCHDh, k_BSKDh, v_BSKDh, mask_BCS)
+
+    out_NBCHDh = jax.lax.map(block, (q_NBCHDh, mask_NBCS))
+    return jnp.moveaxis(out_NBCHDh, 0, 2).reshape(B, L, H, Dh)
 
 
 ATTENTION_FORMS = {"grouped_einsum": grouped_einsum_attention,
@@ -370,7 +398,11 @@ class Attention(nn.Module):
                 mask_BLS = segment_mask(segment_ids_BL, kv_segment_ids_BS, q_slot_L)
             # The KV cache keeps the portable form, whatever trains.
             form = c.attention if c.attention in ATTENTION_FORMS else "grouped_einsum"
-            out_BLHDh = ATTENTION_FORMS[form](q_BLHDh, k_BSKDh, v_BSKDh, mask_BLS)
+            if form == "grouped_einsum" and c.query_chunk and L > c.query_chunk:
+                out_BLHDh = chunked_einsum_attention(q_BLHDh, k_BSKDh, v_BSKDh, mask_BLS,
+                                                     c.query_chunk)
+            else:
+                out_BLHDh = ATTENTION_FORMS[form](q_BLHDh, k_BSKDh, v_BSKDh, mask_BLS)
         out_BLHDh = constrain(out_BLHDh, names)
         return dense(out_BLHDh.reshape(B, L, H * Dh), w_HDhD.reshape(H * Dh, D), flatten)
 
