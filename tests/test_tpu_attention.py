@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 from scaling.config.schema import DEFAULT_SHARDING_RULES
 from scaling.errors import UserError
 from scaling.models import tpu_attention
-from scaling.models.transformer import segment_mask
+from scaling.models.transformer import TransformerConfig, segment_mask
 from scaling.preflight import topology
 from scaling.training import mesh as mesh_lib
 
@@ -241,3 +241,20 @@ def test_an_explicit_kernel_on_this_cpu_exits_2_naming_the_option(tmp_path, kern
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert (f"error: --config.model.attention={kernel} runs on {platform} only"
             in result.stderr)
+
+
+def test_the_splash_block_is_configurable_and_checked():
+    q, k, v, cotangent = inputs()
+    mask_BLS = jnp.tril(jnp.ones((L, L), bool))[None]
+    expected = value_and_grads(lambda *qkv: reference_attention(*qkv, mask_BLS),
+                               q, k, v, cotangent)
+    actual = value_and_grads(jax.jit(lambda q, k, v: tpu_attention.sharded_splash_attention(
+        q, k, v, block=128, interpret=True)), q, k, v, cotangent)  # 2x2 blocks, not one
+    assert_same_attention(actual, expected)
+    assert tpu_attention.block_sizes_for(1024, 256).block_q_dkv == 256
+    with pytest.raises(UserError, match="splash_block=384: must be a multiple of 128 that "
+                                        "divides 256"):
+        tpu_attention.block_sizes_for(256, 384)
+    with pytest.raises(UserError, match="splash_block=100: positions per block"):
+        TransformerConfig(vocab_size=8, num_layers=1, embed_dim=8, num_heads=1, num_kv_heads=1,
+                          head_dim=8, mlp_dim=8, max_seq_len=256, splash_block=100)

@@ -238,6 +238,8 @@ MODEL_FIELDS = {
         Field("model.query_chunk", int, 0, "queries per block of grouped_einsum attention "
               "(its float32 scores made one block at a time, forward and backward); 0: all",
               minimum=0),
+        Field("model.splash_block", int, 0, "positions per square block of the splash kernel "
+              "(a multiple of 128); 0: the largest of 512, 256, 128 that fits", minimum=0),
         Field("model.attention", str, "auto", "how attention is computed: auto (the splash "
               "kernel on TPU, cuDNN's on GPU in bfloat16, grouped_einsum elsewhere), "
               "grouped_einsum, batched_matmul (faster on a CPU), splash (TPU), cudnn (GPU)",

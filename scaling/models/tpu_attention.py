@@ -59,6 +59,24 @@ LANES = 128  # the kernel's blocks are whole multiples of the TPU's lane width
 BLOCK_CHOICES = (512, 256, LANES)
 
 
+def block_sizes_for(seq_len: int, block: int = 0) -> splash.BlockSizes:
+    """`default_block_sizes`, or square blocks of `block` positions
+    (`--config.model.splash_block`), which must divide the queries' run of positions."""
+    if not block:
+        return default_block_sizes(seq_len)
+    if block % LANES or seq_len % block:
+        raise UserError(f"--config.model.splash_block={block}: must be a multiple of {LANES} "
+                        f"that divides {seq_len}, the positions the kernel's blocks tile")
+    return _square(block)
+
+
+def _square(block: int) -> splash.BlockSizes:
+    return splash.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block,
+        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+        block_q_dq=block, block_kv_dq=block)
+
+
 def default_block_sizes(seq_len: int) -> splash.BlockSizes:
     """The same square block for every kernel: the largest of 512, 256, 128 that divides L.
 
@@ -67,16 +85,12 @@ def default_block_sizes(seq_len: int) -> splash.BlockSizes:
     own default, 128, is four times as many grid steps, each paying a fixed per-step overhead,
     and fills v6e's 256-wide MXU only halfway. Blocks must divide L, so shorter or odd
     lengths fall back to 256, then 128. These are reasoned from the hardware, not measured: no
-    TPU was at hand to sweep them, so pass `block_sizes` to tune for a given model.
+    TPU was at hand to sweep them, so set `--config.model.splash_block` to tune a model.
     The backward stays as two kernels (dq, then dk/dv), as MaxText's default; the kernel's
     fused option writes a float32 dq per key block, which costs memory that grows with L.
     """
     _check_seq_len(seq_len)
-    block = next(b for b in BLOCK_CHOICES if seq_len % b == 0)
-    return splash.BlockSizes(
-        block_q=block, block_kv=block, block_kv_compute=block,
-        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-        block_q_dq=block, block_kv_dq=block)
+    return _square(next(b for b in BLOCK_CHOICES if seq_len % b == 0))
 
 
 def _check_seq_len(seq_len: int) -> None:
@@ -140,7 +154,7 @@ def _apply(kernel, q_BLHDh, k_BSKDh, v_BSKDh, q_ids_BL, kv_ids_BS) -> jax.Array:
 
 
 def _context_kernel(L: int, H: int, seq_shards: int, block_sizes: splash.BlockSizes | None,
-                    interpret: bool):
+                    block: int, interpret: bool):
     """The kernel for queries reordered and split over `seq_shards` devices
     (`scaling.models.context`), against all L keys in order.
 
@@ -154,7 +168,7 @@ def _context_kernel(L: int, H: int, seq_shards: int, block_sizes: splash.BlockSi
         raise UserError(f"splash attention with the sequence split over {seq_shards} devices "
                         f"needs --config.data.seq_len to be a multiple of 2 x {seq_shards} x "
                         f"{LANES} = {2 * seq_shards * LANES}, not {L}")
-    block_sizes = default_block_sizes(chunk) if block_sizes is None else block_sizes
+    block_sizes = block_sizes_for(chunk, block) if block_sizes is None else block_sizes
     causal = splash.CausalMask((L, L), shard_count=seq_shards)
     causal.q_sequence = np.asarray(context.balanced_order(L, seq_shards))
     return splash.make_splash_mha(splash.MultiHeadMask([causal] * H), block_sizes=block_sizes,
@@ -174,9 +188,12 @@ def sharded_splash_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: ja
                              mesh: Mesh | AbstractMesh | None = None,
                              batch_axes: str | Sequence[str] | None = None,
                              head_axes: str | Sequence[str] | None = None,
-                             block_sizes: splash.BlockSizes | None = None,
+                             block_sizes: splash.BlockSizes | None = None, block: int = 0,
                              interpret: bool = False) -> jax.Array:
     """`splash_attention` run once per device under `jax.shard_map`, inside a GSPMD program.
+
+    `block` (`--config.model.splash_block`) sets square blocks of that many positions where
+    `block_sizes` is not given; 0 takes `default_block_sizes`.
 
     Examples are split over `batch_axes` and heads over `head_axes`. Splitting query and
     key/value heads alike keeps each group together: a shard holds query heads
@@ -192,6 +209,9 @@ def sharded_splash_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: ja
     how the training step traces the model; with no mesh set it runs `splash_attention` as is.
     """
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    B, L, H = q_BLHDh.shape[:3]
+    if block_sizes is None and block and seq_shards == 1:
+        block_sizes = block_sizes_for(L, block)
     if mesh.empty:
         return splash_attention(q_BLHDh, k_BSKDh, v_BSKDh, segment_ids_BL,
                                 block_sizes=block_sizes, interpret=interpret)
@@ -200,7 +220,6 @@ def sharded_splash_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: ja
     head_axes = _axis_names(logical[2] if head_axes is None else head_axes)
     seq_axes = _axis_names(logical[1]) if seq_shards > 1 else ()
 
-    B, L, H = q_BLHDh.shape[:3]
     K = k_BSKDh.shape[2]
     batch_shards = math.prod(mesh.shape[a] for a in batch_axes)
     head_shards = math.prod(mesh.shape[a] for a in head_axes)
@@ -226,7 +245,7 @@ def sharded_splash_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: ja
 
         kernel, kernel_spec = None, None
     else:
-        kernel = _context_kernel(L, H, seq_shards, block_sizes, interpret)
+        kernel = _context_kernel(L, H, seq_shards, block_sizes, block, interpret)
         kernel_spec = kernel.manual_sharding_spec(
             NamedSharding(mesh, PartitionSpec(None, seq_spec)))
         if segment_ids_BL is None:

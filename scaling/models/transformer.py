@@ -110,6 +110,7 @@ class TransformerConfig:
     attention: str = "auto"  # ATTENTION_CHOICES; auto unresolved (no platform) is grouped_einsum
     loss_chunk: int = 0  # > 0: return a tiled_loss.Projection, logits made this many at a time
     query_chunk: int = 0  # > 0: grouped_einsum makes the scores of this many queries at a time
+    splash_block: int = 0  # > 0: the splash kernel's square block; 0: its default
 
     def __post_init__(self):
         # Experiment files may spell dtypes as strings; normalise so equal configs hash equal.
@@ -133,6 +134,9 @@ class TransformerConfig:
             raise UserError(f"query_chunk={self.query_chunk}: queries per block of the "
                             f"grouped_einsum attention, from 1 to max_seq_len="
                             f"{self.max_seq_len}; 0 makes every score at once")
+        if self.splash_block < 0 or self.splash_block % SPLASH_LANES:
+            raise UserError(f"splash_block={self.splash_block}: positions per block of the "
+                            f"splash kernel, a multiple of {SPLASH_LANES}; 0 picks one")
         if self.scan_unroll < 1:
             raise UserError(f"scan_unroll={self.scan_unroll}: must be at least 1 (layers per "
                             f"loop iteration; {self.num_layers} unrolls every layer)")
@@ -384,7 +388,7 @@ class Attention(nn.Module):
 
             out_BLHDh = tpu_attention.sharded_splash_attention(
                 q_BLHDh, k_BSKDh, v_BSKDh, segment_ids_BL, kv_segment_ids_BS,
-                seq_shards=self.seq_shards)
+                seq_shards=self.seq_shards, block=c.splash_block)
         elif c.attention == "cudnn" and not self.decode:
             from scaling.models import gpu_attention
 
