@@ -7,7 +7,8 @@ which cost the step the same as real ones:
     python bench/gpu_lm.py [--json=PATH] [--steps=N] [--variants=NAME,...]
 
 First it checks the cuDNN kernel against float32 einsum attention on the GPU (forward and
-gradients, causal and packed documents) and counts its custom calls in the compiled program.
+gradients; causal and packed documents, with queries in order and reordered as context
+parallelism has them) and counts its custom calls in the compiled program.
 Then each variant trains `steps` steps after two warm-up calls; the figure is the median
 seconds a step. Tokens/s, and MFU against the chip's dense bfloat16 peak from
 `scaling.runtime.chips` (989 TFLOP/s for an H200), follow from `flops_per_token` (PaLM
@@ -33,8 +34,13 @@ import numpy as np
 
 import scaling.config.experiments
 from scaling.data import element_spec
-from scaling.models import gpu_attention
-from scaling.models.transformer import flops_per_token, grouped_einsum_attention, segment_mask
+from scaling.models import context, gpu_attention
+from scaling.models.transformer import (
+    causal_mask,
+    flops_per_token,
+    grouped_einsum_attention,
+    segment_mask,
+)
 from scaling.runtime import chips
 from scaling.training import mesh as mesh_lib
 from scaling.training.run import build_run_from_shapes, lower_train_step
@@ -76,14 +82,21 @@ def check_cudnn_kernel() -> dict:
     ids = np.zeros((B, L), np.int32)
     ids[0, :300], ids[0, 300:900] = 1, 2
     ids[1, :700], ids[1, 700:1000] = 1, 2
+    ids = jnp.asarray(ids)
+    order = jnp.asarray(context.balanced_order(L, 2))  # queries as context parallelism has them
+    cases = {"causal": (None, None, None), "documents": (ids, ids, None),
+             "reordered": (None, None, order), "reordered documents": (ids[:, order], ids, order)}
     report = {}
-    for name, segment_ids in (("causal", None), ("documents", jnp.asarray(ids))):
-        mask = (segment_mask(segment_ids) if segment_ids is not None
-                else jnp.tril(jnp.ones((L, L), bool))[None])
+    for name, (q_ids, kv_ids, q_slot) in cases.items():
+        if q_ids is None:
+            mask = causal_mask(jnp.arange(L) if q_slot is None else q_slot, L)
+        else:
+            mask = segment_mask(q_ids, kv_ids, q_slot)
 
-        def forms(segment_ids=segment_ids, mask=mask):
+        def forms(q_ids=q_ids, kv_ids=kv_ids, q_slot=q_slot, mask=mask):
             return {
-                "cudnn": lambda q, k, v: gpu_attention.cudnn_attention(q, k, v, segment_ids),
+                "cudnn": lambda q, k, v: gpu_attention.cudnn_attention(q, k, v, q_ids, kv_ids,
+                                                                       q_slot),
                 "einsum": lambda q, k, v: grouped_einsum_attention(q, k, v, mask),
             }
 

@@ -14,18 +14,25 @@ from test_tpu_attention import (
 )
 
 from scaling.errors import UserError
-from scaling.models import gpu_attention
-from scaling.models.transformer import choose_attention, segment_mask
+from scaling.models import context, gpu_attention
+from scaling.models.transformer import causal_mask, choose_attention, segment_mask
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["causal", "documents"])
-def test_the_cudnn_call_equals_einsum_attention_through_xla(packed):
+@pytest.mark.parametrize("reordered", [False, True], ids=["in_order", "reordered"])
+def test_the_cudnn_call_equals_einsum_attention_through_xla(packed, reordered):
+    """Queries in order, or reordered as context parallelism has them (the mask then goes to
+    the kernel whole, since the causal flag no longer describes it)."""
     q, k, v, cotangent = inputs()
     segment_ids = packed_segment_ids() if packed else None
     L = q.shape[1]
-    mask_BLS = segment_mask(segment_ids) if packed else jnp.tril(jnp.ones((L, L), bool))[None]
+    order = jnp.asarray(context.balanced_order(L, 2)) if reordered else None
+    slots = jnp.arange(L) if order is None else order
+    q_ids = None if segment_ids is None else segment_ids[:, slots]
+    mask_BLS = (segment_mask(q_ids, segment_ids, slots) if packed
+                else causal_mask(slots, L))
     actual = value_and_grads(jax.jit(lambda q, k, v: gpu_attention.cudnn_attention(
-        q, k, v, segment_ids, implementation="xla")), q, k, v, cotangent)
+        q, k, v, q_ids, segment_ids, order, implementation="xla")), q, k, v, cotangent)
     expected = value_and_grads(lambda *qkv: reference_attention(*qkv, mask_BLS),
                                q, k, v, cotangent)
     assert_same_attention(actual, expected)
