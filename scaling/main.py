@@ -6,6 +6,7 @@ and dispatches a mode. Every user mistake ends here as one line on stderr and ex
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from collections.abc import Callable
@@ -96,6 +97,7 @@ class Mode:
     """What `--mode=NAME` runs, and what it needs first."""
     run: Callable[[Any, Path, Any], None]   # (config, workdir, experiment)
     records_start: bool = True   # appends to provenance.jsonl and guards the model config
+    exclusive: bool = False      # holds the workdir's run lock (one writer at a time)
     reads_ahead: bool = False    # starts reading the dataset while the framework imports
     needs_jax: bool = True       # False: runs before JAX is imported, with no workdir
 
@@ -155,7 +157,7 @@ def run_preflight(config, workdir: Path, experiment) -> None:
 
 
 MODES = {
-    "train": Mode(run_train, reads_ahead=True),
+    "train": Mode(run_train, reads_ahead=True, exclusive=True),
     "eval": Mode(run_eval, reads_ahead=True),
     "sample": Mode(run_sample),
     "describe": Mode(None, records_start=False),  # no workdir: see `describe`
@@ -216,11 +218,22 @@ def run(argv: list[str]) -> None:
         describe(config, experiment)
         return
     workdir = workdir_lib.prepare(FLAGS.workdir, config.experiment)
-    print(f"experiment {config.experiment}, mode {FLAGS.mode}, workdir {workdir}, {setup}",
-          flush=True)
-    if mode.records_start:
-        record_start(config, workdir, experiment)
-    mode.run(config, workdir, experiment)
+    with _run_lock(mode, workdir):
+        print(f"experiment {config.experiment}, mode {FLAGS.mode}, workdir {workdir}, {setup}",
+              flush=True)
+        if mode.records_start:
+            record_start(config, workdir, experiment)
+        mode.run(config, workdir, experiment)
+
+
+def _run_lock(mode: Mode, workdir: Path):
+    """The workdir's run lock for a mode that writes a run's history, held by the first
+    process of a multi-process run (the others follow it or fail with it)."""
+    import jax
+
+    if mode.exclusive and jax.process_index() == 0:
+        return workdir_lib.run_lock(workdir)
+    return contextlib.nullcontext()
 
 
 def record_start(config, workdir: Path, experiment) -> None:

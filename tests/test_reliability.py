@@ -282,3 +282,43 @@ def test_a_crafted_experiment_name_cannot_pick_the_default_workdir(tmp_path, tin
                      "--config.num_steps=4", cwd=tmp_path)
     assert_user_error(result, "cannot name a directory", "--workdir")
     assert not (tmp_path / "config.json").exists()
+
+
+def test_a_second_run_on_a_busy_workdir_exits_2_and_the_first_finishes_as_if_alone(
+        tmp_path, tiny_idx_dir):
+    workdir, alone = tmp_path / "shared", tmp_path / "alone"
+    # Wide layers and many steps: the first run is still training when the second starts.
+    train = ["--config.model.hidden_sizes=1024,1024", "--config.num_steps=1500",
+             "--config.checkpoint_every_steps=500"]
+    one_device = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # as run_cli has
+    first = subprocess.Popen([sys.executable, "-m", "scaling.main",
+                              *tiny_args(tiny_idx_dir, workdir, *train)],
+                             cwd=REPO, env=one_device, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    lock = workdir / "run.lock"
+    deadline = time.time() + 120
+    while time.time() < deadline and f"pid {first.pid}," not in (
+            lock.read_text() if lock.exists() else ""):
+        time.sleep(0.05)
+    second = run_cli(*tiny_args(tiny_idx_dir, workdir, "--config.optimizer.learning_rate=0.1",
+                                *train))
+    still_training = first.poll() is None
+    assert first.wait(timeout=600) == 0, first.stderr.read()
+    assert still_training, "the first run ended before the second tried; lengthen it"
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    (line,) = second.stderr.strip().splitlines()
+    assert line.startswith(f"error: --workdir={workdir}: another run is using it (host ")
+    assert f"pid {first.pid}, started " in line
+    # The refused run wrote nothing: one start recorded, and the history is the first run's
+    # alone, to the bit.
+    starts = [json.loads(r) for r in (workdir / "provenance.jsonl").read_text().splitlines()]
+    assert len(starts) == 1
+    assert run_cli(*tiny_args(tiny_idx_dir, alone, *train)).returncode == 0
+    assert logged(workdir) == logged(alone) and len(logged(alone)) > 10
+
+
+def logged(workdir):
+    """metrics.jsonl without the fields that depend on the machine's speed."""
+    timing = ("time", "per_s", "per_sec", "seconds", "wait", "mfu", "tflops")
+    return [{k: v for k, v in json.loads(line).items() if not any(t in k for t in timing)}
+            for line in (workdir / "metrics.jsonl").read_text().splitlines()]

@@ -8,9 +8,15 @@ outside the directory the user chose.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import re
+import socket
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import ml_collections
@@ -19,7 +25,8 @@ from scaling.errors import UserError
 
 # Every entry a run creates in its workdir; each must stay inside it.
 ENTRIES = ("config.json", "provenance.jsonl", "metrics.jsonl", "checkpoints", "tensorboard",
-           "profile", "export", "predictions.jsonl", "preflight.json")
+           "profile", "export", "predictions.jsonl", "preflight.json", "run.lock")
+LOCK = "run.lock"
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -48,6 +55,38 @@ def prepare(workdir: str | None, experiment: str) -> Path:
                         "directory with --workdir") from None
     check_confined(path)
     return path
+
+
+@contextlib.contextmanager
+def run_lock(workdir: Path) -> Iterator[None]:
+    """Hold the workdir's run lock for the block: one training run per workdir.
+
+    An advisory `flock` on `run.lock`, taken before the run reads or writes anything else
+    there. The kernel drops it when the process ends, however it ends, so a killed run never
+    leaves a stale lock. The file names the holder (host, pid, start time) for the refusal a
+    second run gets. `flock` is reliable on local disks; on network filesystems it depends
+    on the server's lock support.
+    """
+    path = workdir / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise UserError(f"{path}: cannot open the run lock ({e.strerror}); remove it or "
+                        "choose another --workdir") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "unknown"
+            raise UserError(f"--workdir={workdir}: another run is using it ({holder}); wait "
+                            "for it to finish, or choose another --workdir") from None
+        started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, started {started}\n"
+                  .encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
 
 
 def check_confined(path: Path) -> None:
