@@ -69,15 +69,23 @@ def test_experiment_is_self_contained_and_documented(path):
             "each other"
 
 
-def test_lm_8b_reports_memory_per_chip_for_its_documented_mesh():
-    config, module = config_lib.load_config("lm_8b", [])
+def pod_run(experiment: str, mesh_shape: dict):
+    """An experiment built from shapes alone on its documented 64-chip mesh: the run, its
+    parameter count, and the bytes of params and AdamW state on each chip."""
+    config, module = config_lib.load_config(experiment, [])
     mesh = mesh_lib.make_abstract_mesh(config.mesh, 64)
-    assert dict(mesh.shape) == {"data": 1, "fsdp": 16, "context": 1, "tensor": 4}
+    assert dict(mesh.shape) == mesh_shape
     run = build_run(config, mesh, data.element_spec(config), num_train=1, experiment=module)
     params = state_summary.parameter_count(run.abstract_state.params)
-    assert 8.0e9 < params < 8.1e9
     per_chip = (state_summary.bytes_per_device(run.abstract_state.params)
                 + state_summary.bytes_per_device(run.abstract_state.opt_state))
+    return config, module, params, per_chip
+
+
+def test_lm_8b_reports_memory_per_chip_for_its_documented_mesh():
+    config, module, params, per_chip = pod_run(
+        "lm_8b", {"data": 1, "fsdp": 16, "context": 1, "tensor": 4})
+    assert 8.0e9 < params < 8.1e9
     # float32 params plus two AdamW moments, split 64 ways (a few small arrays replicated).
     assert per_chip == pytest.approx(params * 12 / 64, rel=0.01)
     table = run_lib.describe(config, 64, module)
@@ -85,13 +93,8 @@ def test_lm_8b_reports_memory_per_chip_for_its_documented_mesh():
 
 
 def test_lm_8b_32k_splits_sequences_and_params_over_the_context_chips():
-    config, module = config_lib.load_config("lm_8b_32k", [])
-    mesh = mesh_lib.make_abstract_mesh(config.mesh, 64)
-    assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "context": 8, "tensor": 4}
-    run = build_run(config, mesh, data.element_spec(config), num_train=1, experiment=module)
-    params = state_summary.parameter_count(run.abstract_state.params)
-    per_chip = (state_summary.bytes_per_device(run.abstract_state.params)
-                + state_summary.bytes_per_device(run.abstract_state.opt_state))
+    config, _, params, per_chip = pod_run(
+        "lm_8b_32k", {"data": 1, "fsdp": 2, "context": 8, "tensor": 4})
     # The params are split over fsdp and context together: 64 ways, as lm_8b's are.
     assert per_chip == pytest.approx(params * 12 / 64, rel=0.01)
     assert config.data.seq_len == 32768 and config.batch_size * 32768 == 2**21

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -27,14 +28,20 @@ from scaling.errors import UserError
 from scaling.models.axes import SEQ
 
 
+def axis_names(entry: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The mesh axes of one entry of a partition spec (None, a name, or several)."""
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def sequence_shards() -> int:
     """How many devices the rules in scope split the `seq` axis over, on the mesh set by
     `jax.set_mesh`; 1 outside a mesh."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return 1
-    entry = nn.logical_to_mesh_axes((SEQ,))[0]
-    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    names = axis_names(nn.logical_to_mesh_axes((SEQ,))[0])
     return math.prod(mesh.shape[name] for name in names)
 
 

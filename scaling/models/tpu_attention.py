@@ -175,12 +175,6 @@ def _context_kernel(L: int, H: int, seq_shards: int, block_sizes: splash.BlockSi
                                   head_shards=1, q_seq_shards=seq_shards, interpret=interpret)
 
 
-def _axis_names(entry: str | Sequence[str] | None) -> tuple[str, ...]:
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def sharded_splash_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: jax.Array,
                              segment_ids_BL: jax.Array | None = None,
                              kv_segment_ids_BS: jax.Array | None = None, *,
@@ -216,9 +210,9 @@ def sharded_splash_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: ja
         return splash_attention(q_BLHDh, k_BSKDh, v_BSKDh, segment_ids_BL,
                                 block_sizes=block_sizes, interpret=interpret)
     logical = nn.logical_to_mesh_axes((BATCH, SEQ, HEADS))
-    batch_axes = _axis_names(logical[0] if batch_axes is None else batch_axes)
-    head_axes = _axis_names(logical[2] if head_axes is None else head_axes)
-    seq_axes = _axis_names(logical[1]) if seq_shards > 1 else ()
+    batch_axes = context.axis_names(logical[0] if batch_axes is None else batch_axes)
+    head_axes = context.axis_names(logical[2] if head_axes is None else head_axes)
+    seq_axes = context.axis_names(logical[1]) if seq_shards > 1 else ()
 
     K = k_BSKDh.shape[2]
     batch_shards = math.prod(mesh.shape[a] for a in batch_axes)

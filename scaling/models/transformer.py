@@ -446,7 +446,6 @@ class Mlp(nn.Module):
         up_DF = _param(self, "up", init, (D, F), (EMBED, MLP))
         down_FD = _param(self, "down", init, (F, D), (MLP, EMBED))
         names = (BATCH, SEQ, MLP)
-        B, L = x_BLD.shape[:2]
         flatten = self.seq_shards == 1
         gate_BLF = constrain(dense(x_BLD, gate_DF, flatten), names)
         up_BLF = constrain(dense(x_BLD, up_DF, flatten), names)
