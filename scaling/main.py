@@ -27,7 +27,7 @@ flags.DEFINE_string("workdir", None,
                     "Directory for config.json, metrics.jsonl, checkpoints and TensorBoard "
                     "events. Default: runs/EXPERIMENT under the current directory.")
 flags.DEFINE_string("mode", "train", "One of: train, eval, sample, describe, predict, prepare, "
-                    "export, preflight.")
+                    "export, import_hf, export_hf, preflight.")
 flags.DEFINE_string("prompt", "\n", "--mode=sample: the text to continue.")
 flags.DEFINE_integer("max_new_tokens", None, "--mode=sample: tokens to generate "
                      "(default: config.sample.max_new_tokens).")
@@ -46,10 +46,13 @@ flags.DEFINE_string("inputs", None, "--mode=predict: a PNG, JPEG or NPY file, a 
                     "them, or split:NAME of the experiment's dataset (e.g. split:test).")
 flags.DEFINE_string("output", None, "--mode=predict: the .jsonl or .csv file to write "
                     "(default: WORKDIR/predictions.jsonl).")
-flags.DEFINE_integer("checkpoint_step", None, "--mode=predict and export: the checkpoint to "
-                     "use (default: the latest).")
+flags.DEFINE_integer("checkpoint_step", None, "--mode=predict, export and export_hf: the "
+                     "checkpoint to use (default: the latest).")
 flags.DEFINE_string("artifact", None, "--mode=export: the directory to write (default: "
-                    "WORKDIR/export).")
+                    "WORKDIR/export); --mode=export_hf: the Hugging Face directory to write "
+                    "(default: WORKDIR/hf).")
+flags.DEFINE_string("source", None, "--mode=import_hf: the Hugging Face model directory "
+                    "(config.json, *.safetensors, tokenizer.json) to import.")
 flags.DEFINE_string("quantize", None, "--mode=export: int8 stores weight matrices as int8 "
                     "with one scale per output unit (default: float weights).")
 flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0. "
@@ -105,8 +108,15 @@ class Mode:
 def run_train(config, workdir: Path, experiment) -> None:
     from scaling.training import loop
 
+    initial_params = None
+    if config.init_from:
+        from scaling.interop import hf_checkpoint
+
+        def initial_params(abstract_params):
+            return hf_checkpoint.initial_params(config.init_from, config, abstract_params)
+
     loop.train_and_evaluate(config, workdir, experiment, profile_steps=profiling.parse_steps(
-        FLAGS.profile_steps, FLAGS.mode))
+        FLAGS.profile_steps, FLAGS.mode), initial_params=initial_params)
 
 
 def run_eval(config, workdir: Path, experiment) -> None:
@@ -136,6 +146,22 @@ def run_export(config, workdir: Path, experiment) -> None:
         checkpoint_step=FLAGS.checkpoint_step), experiment), flush=True)
 
 
+def run_import_hf(config, workdir: Path, experiment) -> None:
+    from scaling.interop import hf_checkpoint
+
+    print(hf_checkpoint.import_checkpoint(config, workdir, FLAGS.source, experiment),
+          flush=True)
+
+
+def run_export_hf(config, workdir: Path, experiment) -> None:
+    from scaling.interop import hf_checkpoint
+
+    message = hf_checkpoint.export_checkpoint(config, workdir, hf_checkpoint.ExportOptions(
+        target=FLAGS.artifact, checkpoint_step=FLAGS.checkpoint_step), experiment)
+    if message:
+        print(message, flush=True)
+
+
 def run_prepare(config, workdir: Path | None, experiment) -> None:
     from scaling.data import TEXT_DATASETS
     from scaling.data import prepare as prepare_lib
@@ -163,6 +189,8 @@ MODES = {
     "describe": Mode(None, records_start=False),  # no workdir: see `describe`
     "predict": Mode(run_predict, reads_ahead=True),
     "export": Mode(run_export),
+    "import_hf": Mode(run_import_hf, exclusive=True),
+    "export_hf": Mode(run_export_hf),
     "preflight": Mode(run_preflight, records_start=False),  # compiles for other hardware
     "prepare": Mode(run_prepare, records_start=False, needs_jax=False),
 }
@@ -250,8 +278,13 @@ def record_start(config, workdir: Path, experiment) -> None:
         return
     devices = {"platform": jax.default_backend(), "kind": jax.devices()[0].device_kind,
                "count": jax.device_count(), "processes": jax.process_count()}
+    extra = None
+    if FLAGS.mode == "import_hf" and FLAGS.source and Path(FLAGS.source, "config.json").is_file():
+        from scaling.interop import hf_checkpoint
+
+        extra = {"import_source": hf_checkpoint.source_record(Path(FLAGS.source))}
     provenance.record(workdir, config, Path(experiment.__file__), FLAGS.mode, devices,
-                      config_change_allowed=bool(changes))
+                      config_change_allowed=bool(changes), extra=extra)
 
 
 def sample_text_from_flags(config, workdir: Path, experiment) -> str:

@@ -153,6 +153,8 @@ COMMON_FIELDS = (
           "$TFDS_DATA_DIR or ~/tensorflow_datasets"),
     Field("data.prefetch_steps", int, 4, "text corpora: training steps each process reads "
           "ahead on background threads; 0 reads in the loop", minimum=0),
+    Field("init_from", str, "", "a fresh run's params: a Hugging Face model directory or "
+          "another workdir (its latest checkpoint); the optimizer starts fresh at step 0"),
     Field("model.name", str, REQUIRED, "the model; any name if the experiment defines "
           "make_model(config)", choices=("mlp", "transformer")),
     Field("optimizer.name", str, "adam", "the update rule", choices=("adam", "adamw", "sgd")),
@@ -219,6 +221,19 @@ MODEL_FIELDS = {
               "length when sampling", minimum=1),
         Field("model.rope_theta", float, 10_000.0, "base of the rotary embedding "
               "frequencies"),
+        Field("model.rope_scaling", str, "none", "how RoPE is stretched past the context "
+              "first trained at: none, or llama3 (Llama 3.1 and 3.2)",
+              choices=("none", "llama3")),
+        Field("model.rope_scaling_factor", float, 8.0, "llama3 scaling: how many times slower "
+              "the low frequencies turn", minimum=0),
+        Field("model.rope_low_freq_factor", float, 1.0, "llama3 scaling: wavelengths past "
+              "rope_original_max_len / this are slowed", minimum=0),
+        Field("model.rope_high_freq_factor", float, 4.0, "llama3 scaling: wavelengths under "
+              "rope_original_max_len / this are kept", minimum=0),
+        Field("model.rope_original_max_len", int, 8192, "llama3 scaling: the context length "
+              "the model was first trained at", minimum=1),
+        Field("model.qkv_bias", bool, False, "biases on the query, key and value projections "
+              "(Qwen2)"),
         Field("model.tie_embeddings", bool, True, "reuse the token embedding as the output "
               "layer"),
         Field("model.dtype", str, "float32", "compute dtype of matmuls and activations",

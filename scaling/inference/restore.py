@@ -30,7 +30,7 @@ from scaling.runtime import checkpoint
 from scaling.training import mesh as mesh_lib
 from scaling.training.tasks import Task, get_task
 
-PARAMS = "params"  # the TrainState field a checkpoint keeps the weights under
+PARAMS = checkpoint.PARAMS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -88,7 +88,10 @@ def sample_text(model, params, tokenizer, options: SampleOptions) -> str:
     text ends where the model ends its document (the tokenizer's end-of-document id)."""
     options.validate()
     context = model.config.max_seq_len
-    tokens = [int(t) for t in tokenizer.encode(options.prompt)]
+    # Training puts the begin-of-document id before every document (where the vocabulary
+    # has one), and so do Hugging Face tokenizers of imported models: a prompt starts one.
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    tokens = bos + [int(t) for t in tokenizer.encode(options.prompt)]
     if len(tokens) >= context:
         raise UserError(f"--prompt: {len(tokens)} tokens, but the model's context is "
                         f"{context}; shorten the prompt")

@@ -62,6 +62,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from scaling.errors import UserError
 from scaling.models import context, cpu_attention, formulas
@@ -100,6 +101,12 @@ class TransformerConfig:
     mlp_dim: int
     max_seq_len: int
     rope_theta: float = 10_000.0
+    rope_scaling: str = "none"  # ROPE_SCALINGS: how long-context checkpoints stretch RoPE
+    rope_scaling_factor: float = 8.0  # llama3: the factor the low frequencies are divided by
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths past original/low are scaled
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths under original/high are kept
+    rope_original_max_len: int = 8192  # llama3: the context the model was first trained at
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
     tie_embeddings: bool = True
     dtype: Any = jnp.float32  # compute dtype of matmuls and activations
     param_dtype: Any = jnp.float32
@@ -124,6 +131,15 @@ class TransformerConfig:
                             f"num_heads={self.num_heads}")
         if self.head_dim % 2:
             raise UserError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise UserError(f"rope_scaling={self.rope_scaling!r}: expected one of "
+                            f"{', '.join(ROPE_SCALINGS)}")
+        if self.rope_scaling == "llama3" and not (
+                self.rope_scaling_factor > 0 and self.rope_original_max_len > 0
+                and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+            raise UserError("rope_scaling=llama3 needs rope_scaling_factor > 0, "
+                            "rope_original_max_len > 0 and 0 < rope_low_freq_factor < "
+                            "rope_high_freq_factor")
         if self.attention not in ATTENTION_CHOICES:
             raise UserError(f"attention={self.attention!r}: expected one of "
                             f"{', '.join(ATTENTION_CHOICES)}")
@@ -179,10 +195,39 @@ class RMSNorm(nn.Module):
         return (x * scale_D.astype(jnp.float32)).astype(self.config.dtype)
 
 
-def apply_rope(x_BLHDh: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
-    """Rotates pairs (i, i + Dh/2) by position-dependent angles, so q·k sees only offsets."""
+ROPE_SCALINGS = ("none", "llama3")
+
+
+def rope_frequencies(config: TransformerConfig) -> np.ndarray:
+    """The rotation rate of each pair (Dh/2 of them, float32), theta^(-i/(Dh/2)) for pair i.
+
+    `rope_scaling=llama3` (Llama 3.1 and 3.2) stretches them for a longer context than the
+    model was first trained at: pairs whose wavelength exceeds original/low_freq_factor turn
+    `rope_scaling_factor` times slower, those under original/high_freq_factor are kept, and
+    the band between moves smoothly from one to the other.
+    """
+    c = config
+    half = c.head_dim // 2
+    inv_freq = c.rope_theta ** (-np.arange(half, dtype=np.float64) / half)
+    if c.rope_scaling == "llama3":
+        wavelength = 2 * np.pi / inv_freq
+        original = c.rope_original_max_len
+        low, high = c.rope_low_freq_factor, c.rope_high_freq_factor
+        slowed = inv_freq / c.rope_scaling_factor
+        blend = np.clip((original / wavelength - low) / (high - low), 0.0, 1.0)
+        inv_freq = (1 - blend) * slowed + blend * inv_freq
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x_BLHDh: jax.Array, positions_BL: jax.Array,
+               inv_freq: float | np.ndarray) -> jax.Array:
+    """Rotates pairs (i, i + Dh/2) by position-dependent angles, so q·k sees only offsets.
+
+    `inv_freq` is each pair's rate (`rope_frequencies`), or a bare theta for the unscaled
+    rates."""
     half = x_BLHDh.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if np.ndim(inv_freq) == 0:
+        inv_freq = float(inv_freq) ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angle_BL1h = (positions_BL.astype(jnp.float32)[:, :, None] * inv_freq)[:, :, None, :]
     sin, cos = jnp.sin(angle_BL1h), jnp.cos(angle_BL1h)
     x1, x2 = jnp.split(x_BLHDh.astype(jnp.float32), 2, axis=-1)
@@ -344,12 +389,16 @@ class Attention(nn.Module):
         names = (BATCH, SEQ, HEADS, KV)
         flatten = self.seq_shards == 1
 
-        def project(w_DNDh):
+        def project(w_DNDh, name):
             N = w_DNDh.shape[1]
             y_BLNDh = dense(x_BLD, w_DNDh.reshape(D, N * Dh), flatten).reshape(B, L, N, Dh)
+            if c.qkv_bias:
+                y_BLNDh = y_BLNDh + _param(self, f"{name}_bias", nn.initializers.zeros,
+                                           (N, Dh), (HEADS, KV))
             return constrain(y_BLNDh, names)
 
-        q_BLHDh, k_BLKDh, v_BLKDh = project(w_DHDh), project(wk_DKDh), project(wv_DKDh)
+        q_BLHDh = project(w_DHDh, "query")
+        k_BLKDh, v_BLKDh = project(wk_DKDh, "key"), project(wv_DKDh, "value")
 
         # Slots index the key/value sequence: causality compares slots, RoPE uses positions.
         cache = self._cache_variables(B) if self.decode else None
@@ -358,8 +407,9 @@ class Attention(nn.Module):
         q_slot_L = start + jnp.arange(L)
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(q_slot_L, (B, L))
-        q_BLHDh = apply_rope(q_BLHDh, positions_BL, c.rope_theta)
-        k_BLKDh = apply_rope(k_BLKDh, positions_BL, c.rope_theta)
+        inv_freq = rope_frequencies(c)
+        q_BLHDh = apply_rope(q_BLHDh, positions_BL, inv_freq)
+        k_BLKDh = apply_rope(k_BLKDh, positions_BL, inv_freq)
 
         if initialized:
             # The cache holds rotated keys, so each key keeps the position it was written at.

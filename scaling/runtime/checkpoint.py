@@ -93,6 +93,25 @@ def save(manager: Checkpoints, state, *, force: bool = False) -> None:
         manager.saving = step
 
 
+def save_params(manager: Checkpoints, params, step: int = 0) -> None:
+    """A checkpoint of params alone (an imported model): inference restores it like any
+    other; training starts from it only through `init_from`, with a fresh optimizer."""
+    import orbax.checkpoint as ocp
+
+    manager.saving = step
+    with _write_errors(manager):
+        manager.orbax.save(step, args=ocp.args.StandardSave({PARAMS: params}), force=True)
+        manager.orbax.wait_until_finished()
+
+
+PARAMS = "params"  # the entry of a saved state that holds the weights
+
+
+def holds_params_only(manager: Checkpoints, step: int) -> bool:
+    tree = manager.orbax.item_metadata(step).tree
+    return isinstance(tree, dict) and set(tree) == {PARAMS}
+
+
 def wait(manager: Checkpoints) -> None:
     """Block until the save in flight is committed; a failed one raises CheckpointWriteError."""
     if not manager.opened:  # nothing was saved, so nothing is in flight
@@ -142,6 +161,11 @@ def restore(manager: Checkpoints, abstract_state, step: int | None = None):
     if step not in manager.all_steps():
         raise UserError(f"no checkpoint for step {step} in {manager.directory}; "
                         f"available: {', '.join(map(str, manager.all_steps())) or 'none'}")
+    if holds_params_only(manager, step):
+        workdir = manager.directory.parent
+        raise UserError(f"checkpoint {manager.directory / str(step)} holds params only (an "
+                        "imported model), no optimizer state to resume; fine-tune in a new "
+                        f"--workdir with --config.init_from={workdir}")
     check_compatible(manager, step, abstract_state)
     return manager.orbax.restore(step, args=ocp.args.StandardRestore(abstract_state))
 

@@ -82,8 +82,10 @@ def file_sha256(path: Path) -> str:
 
 
 def record(workdir: Path, config: ml_collections.ConfigDict, experiment_file: Path, mode: str,
-           devices: dict, config_change_allowed: bool = False) -> dict:
-    """Append this start's provenance to WORKDIR/provenance.jsonl and return it."""
+           devices: dict, config_change_allowed: bool = False, extra: dict | None = None
+           ) -> dict:
+    """Append this start's provenance to WORKDIR/provenance.jsonl and return it; `extra`
+    adds what the mode itself read (an imported checkpoint's source)."""
     package_dir = Path(__file__).resolve().parent
     entry = {
         "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -99,6 +101,7 @@ def record(workdir: Path, config: ml_collections.ConfigDict, experiment_file: Pa
         "devices": devices,
         "config_change_allowed": config_change_allowed,
         "config": config.to_dict(),
+        **(extra or {}),
     }
     with open(workdir / "provenance.jsonl", "a") as f:
         f.write(json.dumps(entry, sort_keys=True, default=str) + "\n")

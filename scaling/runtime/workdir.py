@@ -25,7 +25,7 @@ from scaling.errors import UserError
 
 # Every entry a run creates in its workdir; each must stay inside it.
 ENTRIES = ("config.json", "provenance.jsonl", "metrics.jsonl", "checkpoints", "tensorboard",
-           "profile", "export", "predictions.jsonl", "preflight.json", "run.lock")
+           "profile", "export", "hf", "predictions.jsonl", "preflight.json", "run.lock")
 LOCK = "run.lock"
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 

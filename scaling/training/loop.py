@@ -8,7 +8,9 @@ model. Metrics are read one call late, so the host never stalls the device.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
@@ -42,14 +44,22 @@ def call_length(step: int, stop: int, steps_per_call: int) -> int:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, experiment=None,
-                       devices=None, profile_steps: profiling.StepWindow | None = None
+                       devices=None, profile_steps: profiling.StepWindow | None = None,
+                       initial_params: Callable[[Any], Any] | None = None
                        ) -> dict[str, dict[str, float]]:
-    """Train from the latest checkpoint in `workdir` (or from scratch) and evaluate."""
+    """Train from the latest checkpoint in `workdir` (or from scratch) and evaluate.
+
+    A fresh run starts from `initial_params(abstract_params)` when given (`init_from`:
+    fine-tuning), with a fresh optimizer at step 0; a resumed one ignores it."""
     run, dataset = setup(config, experiment, devices)
     Path(workdir).mkdir(parents=True, exist_ok=True)
     trace = profiling.StepTrace(profile_steps, workdir, run.total_steps)
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
-    state, resumed = checkpoint.restore_or_init(manager, run.abstract_state, run.init)
+    init = run.init
+    if initial_params is not None:
+        def init():
+            return run.start_from(initial_params(run.abstract_state.params))
+    state, resumed = checkpoint.restore_or_init(manager, run.abstract_state, init)
     if jax.process_index() == 0:  # only once the checkpoint is known to fit this config
         write_config(config, workdir)
         save_for_inference(dataset, workdir)

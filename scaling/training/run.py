@@ -46,6 +46,7 @@ class Run:
     state_shardings: Any
     abstract_state: Any
     init: Callable[[], TrainState]
+    start_from: Callable[[Any], TrainState]  # params -> a fresh state holding them (init_from)
     flops_per_example: float | None  # the model's analytic training FLOPs (None: no formula)
     items_per_example: int     # tokens (or images) per example, for throughput
     train_steps: Callable      # (state, chunk of k batches) -> (state, per-step metrics)
@@ -95,10 +96,11 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
     task = get_task(config.task)
     sample = {k: np.zeros((1,) + v.shape, v.dtype) for k, v in element_spec.items()}
 
-    def init_boxed():
+    def init_boxed(params=None):
         # The key is made inside the compiled init: made eagerly, it costs two more programs.
         params_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-        params = model.init(params_rng, task.preprocess(sample), train=False)["params"]
+        if params is None:
+            params = model.init(params_rng, task.preprocess(sample), train=False)["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), rng=state_rng)
 
@@ -109,6 +111,10 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
     state_shardings = mesh_lib.logical_shardings(boxed, mesh, rules)
     init = mesh_lib.with_mesh_rules(
         jax.jit(lambda: nn.meta.unbox(init_boxed()), out_shardings=state_shardings),
+        mesh, rules)
+    start_from = mesh_lib.with_mesh_rules(
+        jax.jit(lambda params: nn.meta.unbox(init_boxed(params)),
+                in_shardings=(state_shardings.params,), out_shardings=state_shardings),
         mesh, rules)
     abstract_state = jax.tree_util.tree_map(
         lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
@@ -137,7 +143,7 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
     return Run(
         config=config, mesh=mesh, rules=rules, model=model, task=task, total_steps=total,
         steps_per_epoch=per_epoch, schedule=schedule, state_shardings=state_shardings,
-        abstract_state=abstract_state, init=init,
+        abstract_state=abstract_state, init=init, start_from=start_from,
         flops_per_example=training_flops_per_example(model, config, abstract_state.params,
                                                      experiment),
         items_per_example=task.items_per_example(element_spec),

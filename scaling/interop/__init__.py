@@ -1,0 +1,1 @@
+"""Checkpoints of other frameworks, in and out: Hugging Face causal LMs (safetensors)."""
