@@ -290,7 +290,7 @@ def record_start(config, workdir: Path, experiment) -> None:
 def sample_text_from_flags(config, workdir: Path, experiment) -> str:
     from scaling.inference import sample
 
-    defaults = config.sample if config.task == "language_modeling" else {}  # schema: LMs only
+    defaults = config.sample if "sample" in config else {}  # schema: language models only
 
     def pick(flag_value, key, fallback):
         return flag_value if flag_value is not None else defaults.get(key, fallback)

@@ -351,3 +351,54 @@ def test_init_from_a_workdir_of_another_model_is_refused_path_by_path(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert "does not match this config" in result.stderr
     assert "params/layers/attention/query_bias: absent in the checkpoint" in result.stderr
+
+
+def test_lora_trains_only_the_adapters_and_merges_into_the_same_logits(tmp_path):
+    """Fine-tune the Llama 3.1 fixture with rank-4 adapters: the imported params come out
+    bitwise unchanged, the optimizer holds moments for the adapters alone, and the
+    exported (merged) model gives the adapted model's logits."""
+    from scaling.inference import restore
+    from scaling.models import lora
+
+    experiment = write_experiment(tmp_path, "llama31", learning_rate=1e-2, lora_rank=4)
+    workdir = tmp_path / "tuned"
+    result = run_cli(f"--experiment={experiment}", f"--workdir={workdir}",
+                     f"--config.init_from={FIXTURES / 'llama31'}", "--config.num_steps=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    config, module = load(experiment)
+    _, original, _ = import_params(config, module, FIXTURES / "llama31")
+    spec = restore.model_spec(config, module)
+    manager = checkpoint.make_manager(workdir, 3)
+    tuned = restore.restore_params(manager, 3, spec.abstract_params)
+    state_tree = manager.orbax.item_metadata(3).tree
+    manager.close()
+    for a, b in zip(jax.tree_util.tree_leaves(original),
+                    jax.tree_util.tree_leaves(lora.without_adapters(tuned)), strict=True):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    adapters = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tuned)
+                if lora.is_adapter(path)]
+    assert len(adapters) == 2 * 7  # A and B beside q, k, v, o, gate, up and down
+    assert np.abs(np.asarray(tuned["layers"]["mlp"]["down_lora_b"])).max() > 0
+    moments = sum(int(np.prod(leaf.shape))
+                  for leaf in jax.tree_util.tree_leaves(state_tree["opt_state"]))
+    adapter_size = sum(int(np.prod(a.shape)) for a in adapters)
+    assert moments == 2 * adapter_size + 2  # mu and nu; Adam's and the schedule's counts
+
+    ref, _ = reference("llama31")
+    tokens = jnp.asarray([ref["input_ids"]])
+    adapted = np.asarray(spec.model.apply({"params": tuned}, tokens))
+    base, _ = load(experiment, "model.lora_rank=0")
+    base_spec = restore.model_spec(base, module)
+    merged = lora.merged(tuned, 4, config.model.lora_alpha)
+    np.testing.assert_allclose(np.asarray(base_spec.model.apply({"params": merged}, tokens)),
+                               adapted, rtol=1e-5, atol=1e-5)
+    assert np.abs(adapted - np.load(FIXTURES / "llama31" / "logits.npy")).max() > 1e-3
+
+    exported = tmp_path / "merged"
+    result = run_cli(f"--experiment={experiment}", "--mode=export_hf", f"--workdir={workdir}",
+                     f"--artifact={exported}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, reimported, _ = import_params(base, module, exported)
+    np.testing.assert_allclose(
+        np.asarray(base_spec.model.apply({"params": reimported}, tokens)), adapted,
+        rtol=1e-5, atol=1e-5)

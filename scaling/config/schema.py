@@ -38,7 +38,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from scaling.data import IMAGE_DATASETS, TEXT_DATASETS
+from scaling.data import IMAGE_DATASETS, SFT_DATASETS, TEXT_DATASETS
 from scaling.data.packed_windows import PACKINGS
 from scaling.data.tokenizer import TOKENIZERS
 from scaling.errors import UserError
@@ -144,9 +144,11 @@ DEFAULT_SHARDING_RULES = (
 COMMON_FIELDS = (
     Field("experiment", str, "", "the experiment file's name; set when the file is loaded"),
     Field("seed", int, 0, "seeds parameter init and the data order"),
-    Field("task", str, REQUIRED, "the loss and metrics",
-          choices=("classification", "language_modeling")),
-    Field("data.name", str, REQUIRED, "the dataset", choices=IMAGE_DATASETS + TEXT_DATASETS),
+    Field("task", str, REQUIRED, "the loss and metrics; sft: a language model's loss on "
+          "response tokens only, with exact-match accuracy",
+          choices=("classification", "language_modeling", "sft")),
+    Field("data.name", str, REQUIRED, "the dataset",
+          choices=IMAGE_DATASETS + TEXT_DATASETS + SFT_DATASETS),
     Field("data.manual_dir", str, "", "a local folder holding the dataset's source files "
           "(the four IDX .gz files, or input.txt); empty: TFDS"),
     Field("data.tfds_data_dir", str, "", "a TFDS data directory, local or gs://; empty: "
@@ -236,6 +238,10 @@ MODEL_FIELDS = {
               "(Qwen2)"),
         Field("model.tie_embeddings", bool, True, "reuse the token embedding as the output "
               "layer"),
+        Field("model.lora_rank", int, 0, "LoRA: the rank of adapters beside every attention "
+              "and MLP kernel; only they are trained (0: every param trains)", minimum=0),
+        Field("model.lora_alpha", float, 16.0, "LoRA: the adapters' output is scaled by "
+              "lora_alpha / lora_rank", minimum=0),
         Field("model.dtype", str, "float32", "compute dtype of matmuls and activations",
               choices=DTYPES),
         Field("model.param_dtype", str, "float32", "storage dtype of the parameters",
@@ -263,15 +269,33 @@ MODEL_FIELDS = {
 }
 
 DATA_KINDS = {**{name: "image" for name in IMAGE_DATASETS},
-              **{name: "text" for name in TEXT_DATASETS}}
+              **{name: "text" for name in TEXT_DATASETS},
+              **{name: "sft" for name in SFT_DATASETS}}
+
+TOKEN_FIELDS = (
+    Field("data.tokenizer", str, "char", "how text becomes tokens", choices=TOKENIZERS),
+    Field("data.tokenizer_model", str, "", "sentencepiece: the .model file; "
+          "huggingface: the tokenizer.json file"),
+    Field("data.seq_len", int, REQUIRED, "tokens in a training window", minimum=1),
+)
 
 DATA_FIELDS = {
     "image": (),
+    "sft": (
+        *TOKEN_FIELDS,
+        Field("data.sft_source", str, REQUIRED, "the pairs: jsonl:GLOB (JSON Lines), or "
+              "synthetic:add or synthetic:reverse (generated from the seed)"),
+        Field("data.prompt_field", str, "prompt", "jsonl: the field holding the prompt"),
+        Field("data.response_field", str, "response", "jsonl: the field holding the "
+              "response, the only tokens the loss counts"),
+        Field("data.validation_fraction", float, 0.05, "the share of pairs (by a hash of "
+              "their prompt) held out as the validation split", minimum=0),
+        Field("data.on_malformed", str, "error", "a malformed line: stop with its file and "
+              "line, or count and skip it", choices=("error", "skip")),
+        Field("data.synthetic_examples", int, 20000, "synthetic: pairs generated", minimum=1),
+    ),
     "text": (
-        Field("data.tokenizer", str, "char", "how text becomes tokens", choices=TOKENIZERS),
-        Field("data.tokenizer_model", str, "", "sentencepiece: the .model file; "
-              "huggingface: the tokenizer.json file"),
-        Field("data.seq_len", int, REQUIRED, "tokens in a training window", minimum=1),
+        *TOKEN_FIELDS,
         Field("data.eval_splits", tuple, ("validation",), "splits evaluated, every token "
               "once"),
         Field("data.eval_max_windows", int, 0, "windows evaluated per split; 0: all",
@@ -310,6 +334,8 @@ TASK_FIELDS = {
               "all", minimum=0),
     ),
 }
+
+TASK_FIELDS["sft"] = TASK_FIELDS["language_modeling"]  # both sample from the model
 
 SELECTORS = ("model.name", "data.name", "task")
 

@@ -12,11 +12,12 @@ from scaling.errors import UserError
 
 IMAGE_DATASETS = ("mnist", "fashion_mnist")
 TEXT_DATASETS = ("tiny_shakespeare", "corpus")  # corpus: any data.sources
+SFT_DATASETS = ("sft",)  # prompt/response pairs: scaling.data.sft
 
 
 def _unknown(name: str) -> UserError:
     return UserError(f"--config.data.name={name}: unknown dataset; expected one of "
-                     f"{', '.join(IMAGE_DATASETS + TEXT_DATASETS)}")
+                     f"{', '.join(IMAGE_DATASETS + TEXT_DATASETS + SFT_DATASETS)}")
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> ArrayDataset:
@@ -29,6 +30,10 @@ def load_dataset(config: ml_collections.ConfigDict) -> ArrayDataset:
         from scaling.data import text
 
         return text.load_text_corpus(config)
+    if config.data.name in SFT_DATASETS:
+        from scaling.data import sft
+
+        return sft.load_sft_dataset(config)
     raise _unknown(config.data.name)
 
 
@@ -56,4 +61,8 @@ def element_spec(config: ml_collections.ConfigDict) -> dict:
         keys = ("tokens",) if config.data.packing == "concat" else (
             "tokens", "segment_ids", "positions")
         return dict.fromkeys(keys, window)
+    if config.data.name in SFT_DATASETS:
+        window = jax.ShapeDtypeStruct((config.data.seq_len + 1,), np.int32)
+        return {**dict.fromkeys(("tokens", "segment_ids", "positions"), window),
+                "weights": jax.ShapeDtypeStruct((config.data.seq_len,), np.float32)}
     raise _unknown(config.data.name)

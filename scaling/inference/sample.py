@@ -25,6 +25,7 @@ from scaling.data.tokenizer import TOKENIZER_DIR, Tokenizer, load_tokenizer
 from scaling.errors import UserError
 from scaling.inference import restore
 from scaling.runtime import checkpoint
+from scaling.training.tasks import LANGUAGE_TASKS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +144,7 @@ def workdir_tokenizer(config: ml_collections.ConfigDict, workdir: Path) -> Token
 def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir, options: SampleOptions,
                            experiment=None) -> str:
     """Everything `--mode=sample` does: restore the params, load the tokenizer, write text."""
-    if config.task != "language_modeling":
+    if config.task not in LANGUAGE_TASKS:
         raise UserError(f"--mode=sample needs a language model; {config.experiment} is a "
                         f"{config.task} experiment")
     options.validate()

@@ -36,6 +36,7 @@ from scaling.data.tokenizer import (
 from scaling.errors import UserError
 from scaling.inference import restore
 from scaling.interop import hf_config, hf_params, safetensors_io
+from scaling.models import lora
 from scaling.runtime import checkpoint
 from scaling.runtime.workdir import write_config
 
@@ -156,15 +157,18 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: Path,
         raise UserError(f"--artifact={target}: already exists; choose a new directory")
     restored = restore.load(config, workdir, options.checkpoint_step, experiment)
     m = config.model
+    params = restored.params
+    if m.lora_rank:  # the adapters folded into their kernels
+        params = jax.jit(lambda p: lora.merged(p, m.lora_rank, m.lora_alpha))(params)
     entries = []
     for name, layout, path, layer in hf_params.hf_tensors(m):
-        leaf = hf_params.leaf_at(restored.params, path)
+        leaf = hf_params.leaf_at(params, path)
         shape = hf_params.hf_shape(layout, leaf.shape[1:] if layer is not None else leaf.shape)
         entries.append((name, layout, (path, layer), shape, np.dtype(leaf.dtype)))
 
     def produce(name: str) -> np.ndarray:
         _, layout, (path, layer), _, _ = by_name[name]
-        leaf = hf_params.leaf_at(restored.params, path)
+        leaf = hf_params.leaf_at(params, path)
         value = np.asarray(multihost_utils.process_allgather(
             leaf if layer is None else leaf[layer], tiled=True))
         return hf_params.to_hf(layout, value)

@@ -107,6 +107,8 @@ class TransformerConfig:
     rope_high_freq_factor: float = 4.0  # llama3: wavelengths under original/high are kept
     rope_original_max_len: int = 8192  # llama3: the context the model was first trained at
     qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
+    lora_rank: int = 0  # > 0: low-rank adapters beside every attention and MLP kernel
+    lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
     tie_embeddings: bool = True
     dtype: Any = jnp.float32  # compute dtype of matmuls and activations
     param_dtype: Any = jnp.float32
@@ -153,6 +155,8 @@ class TransformerConfig:
         if self.splash_block < 0 or self.splash_block % SPLASH_LANES:
             raise UserError(f"splash_block={self.splash_block}: positions per block of the "
                             f"splash kernel, a multiple of {SPLASH_LANES}; 0 picks one")
+        if self.lora_rank < 0:
+            raise UserError(f"lora_rank={self.lora_rank}: the adapters' rank; 0 turns them off")
         if self.scan_unroll < 1:
             raise UserError(f"scan_unroll={self.scan_unroll}: must be at least 1 (layers per "
                             f"loop iteration; {self.num_layers} unrolls every layer)")
@@ -174,6 +178,24 @@ def dense(x_BLN: jax.Array, w_NM: jax.Array, flatten: bool) -> jax.Array:
     if flatten:
         return (x_BLN.reshape(B * L, N) @ w_NM).reshape(B, L, w_NM.shape[1])
     return jnp.einsum("bln,nm->blm", x_BLN, w_NM)
+
+
+LORA_SUFFIXES = ("_lora_a", "_lora_b")  # the adapter params of a kernel named `name`
+
+
+def lora_delta(module: nn.Module, name: str, x_BLN: jax.Array,
+               a_shape: tuple[int, ...], a_names: tuple[str | None, ...],
+               b_shape: tuple[int, ...], b_names: tuple[str | None, ...],
+               flatten: bool) -> jax.Array:
+    """LoRA's update to the output of kernel `name`: (alpha/r)·(x A) B, with A (in, r) of
+    fan-in init and B (r, out) of zeros, so training starts from the kernel's own output.
+    The kernel is never changed; `scaling.models.lora` folds A B into it on export."""
+    c = module.config
+    a = _param(module, name + LORA_SUFFIXES[0],
+               _fan_in_init(tuple(range(len(a_shape) - 1)), len(a_shape) - 1), a_shape, a_names)
+    b = _param(module, name + LORA_SUFFIXES[1], nn.initializers.zeros, b_shape, b_names)
+    low_BLr = dense(x_BLN, a.reshape(-1, c.lora_rank), flatten)
+    return dense(low_BLr, b.reshape(c.lora_rank, -1), flatten) * (c.lora_alpha / c.lora_rank)
 
 
 def _fan_in_init(in_axis: int | tuple[int, ...],
@@ -391,7 +413,12 @@ class Attention(nn.Module):
 
         def project(w_DNDh, name):
             N = w_DNDh.shape[1]
-            y_BLNDh = dense(x_BLD, w_DNDh.reshape(D, N * Dh), flatten).reshape(B, L, N, Dh)
+            y_BLNe = dense(x_BLD, w_DNDh.reshape(D, N * Dh), flatten)
+            if c.lora_rank:
+                y_BLNe = y_BLNe + lora_delta(self, name, x_BLD, (D, c.lora_rank),
+                                             (EMBED, None), (c.lora_rank, N, Dh),
+                                             (None, HEADS, KV), flatten)
+            y_BLNDh = y_BLNe.reshape(B, L, N, Dh)
             if c.qkv_bias:
                 y_BLNDh = y_BLNDh + _param(self, f"{name}_bias", nn.initializers.zeros,
                                            (N, Dh), (HEADS, KV))
@@ -458,7 +485,13 @@ class Attention(nn.Module):
             else:
                 out_BLHDh = ATTENTION_FORMS[form](q_BLHDh, k_BSKDh, v_BSKDh, mask_BLS)
         out_BLHDh = constrain(out_BLHDh, names)
-        return dense(out_BLHDh.reshape(B, L, H * Dh), w_HDhD.reshape(H * Dh, D), flatten)
+        out_BLe = out_BLHDh.reshape(B, L, H * Dh)
+        y_BLD = dense(out_BLe, w_HDhD.reshape(H * Dh, D), flatten)
+        if c.lora_rank:
+            y_BLD = y_BLD + lora_delta(self, "out", out_BLe, (H, Dh, c.lora_rank),
+                                       (HEADS, KV, None), (c.lora_rank, D), (None, EMBED),
+                                       flatten)
+        return y_BLD
 
     def _cache_variables(self, B: int) -> _Cache:
         c = self.config
@@ -497,9 +530,19 @@ class Mlp(nn.Module):
         down_FD = _param(self, "down", init, (F, D), (MLP, EMBED))
         names = (BATCH, SEQ, MLP)
         flatten = self.seq_shards == 1
-        gate_BLF = constrain(dense(x_BLD, gate_DF, flatten), names)
-        up_BLF = constrain(dense(x_BLD, up_DF, flatten), names)
-        return dense(nn.silu(gate_BLF) * up_BLF, down_FD, flatten)
+        r = c.lora_rank
+
+        def project(x_BLN, w_NM, name, in_name, out_name):
+            y_BLM = dense(x_BLN, w_NM, flatten)
+            if r:
+                y_BLM = y_BLM + lora_delta(self, name, x_BLN, (w_NM.shape[0], r),
+                                           (in_name, None), (r, w_NM.shape[1]),
+                                           (None, out_name), flatten)
+            return y_BLM
+
+        gate_BLF = constrain(project(x_BLD, gate_DF, "gate", EMBED, MLP), names)
+        up_BLF = constrain(project(x_BLD, up_DF, "up", EMBED, MLP), names)
+        return project(nn.silu(gate_BLF) * up_BLF, down_FD, "down", MLP, EMBED)
 
 
 class Block(nn.Module):

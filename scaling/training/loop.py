@@ -19,6 +19,7 @@ import numpy as np
 from scaling.data import heldout
 from scaling.data.tokenizer import TOKENIZER_DIR, save_tokenizer
 from scaling.errors import Preempted, TrainingDiverged, UserError
+from scaling.models import lora
 from scaling.runtime import checkpoint, chips, profiling, startup_gc
 from scaling.runtime.metrics import MetricsWriter, Progress, throughput
 from scaling.runtime.preemption import PreemptionWatch
@@ -57,8 +58,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, experim
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
     init = run.init
     if initial_params is not None:
-        def init():
-            return run.start_from(initial_params(run.abstract_state.params))
+        def init():  # the source has no LoRA adapters: they start from their init
+            return run.start_from(initial_params(lora.without_adapters(
+                run.abstract_state.params)))
     state, resumed = checkpoint.restore_or_init(manager, run.abstract_state, init)
     if jax.process_index() == 0:  # only once the checkpoint is known to fit this config
         write_config(config, workdir)

@@ -38,7 +38,7 @@ def decay_mask(params):
     """
     def decays(path, p) -> bool:
         name = getattr(path[-1], "key", getattr(path[-1], "name", "")) if path else ""
-        return p.ndim > 1 and name not in NO_DECAY_NAMES
+        return p.ndim > 1 and name not in NO_DECAY_NAMES and not name.endswith("_bias")
     return jax.tree_util.tree_map_with_path(decays, params)
 
 

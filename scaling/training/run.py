@@ -23,7 +23,7 @@ from scaling.data import dataset as dataset_lib
 from scaling.data import element_spec, load_dataset
 from scaling.data.loader import TrainLoader, eval_chunks
 from scaling.errors import UserError
-from scaling.models import axes, make_model, training_flops_per_example
+from scaling.models import axes, lora, make_model, training_flops_per_example
 from scaling.training import compiler_options
 from scaling.training import mesh as mesh_lib
 from scaling.training.optimizer import make_optimizer
@@ -93,14 +93,21 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
     model = make_model(config, experiment, mesh_lib.platform(mesh))
     total, per_epoch = total_steps_for(config, num_train)
     tx, schedule = make_optimizer(config.optimizer, total)
+    lora_rank = config.model.get("lora_rank", 0)
+    if lora_rank:  # adapters alone train: no moments and no gradients for the rest
+        tx = optax.multi_transform({lora.ADAPTER: tx, lora.FROZEN: optax.set_to_zero()},
+                                   lora.optimizer_labels)
     task = get_task(config.task)
     sample = {k: np.zeros((1,) + v.shape, v.dtype) for k, v in element_spec.items()}
 
-    def init_boxed(params=None):
+    def init_boxed(given=None):
+        """A fresh state; `given` params (init_from) replace the initialised ones they name,
+        so only what they lack (LoRA adapters) keeps its init, the rest compiled away."""
         # The key is made inside the compiled init: made eagerly, it costs two more programs.
         params_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-        if params is None:
-            params = model.init(params_rng, task.preprocess(sample), train=False)["params"]
+        params = model.init(params_rng, task.preprocess(sample), train=False)["params"]
+        if given is not None:
+            params = _overlay(nn.meta.unbox(params), given)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), rng=state_rng)
 
@@ -114,13 +121,16 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
         mesh, rules)
     start_from = mesh_lib.with_mesh_rules(
         jax.jit(lambda params: nn.meta.unbox(init_boxed(params)),
-                in_shardings=(state_shardings.params,), out_shardings=state_shardings),
+                out_shardings=state_shardings),
         mesh, rules)
     abstract_state = jax.tree_util.tree_map(
         lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
         nn.meta.unbox(boxed), state_shardings)
 
     loss_fn = functools.partial(objective, model=model, task=task, l2=config.l2)
+    if lora_rank:
+        def loss_fn(params, batch, rng, objective_fn=loss_fn):
+            return objective_fn(lora.freeze_base(params), batch, rng)
     chunk_sharding = mesh_lib.batch_sharding(mesh, rules, leading_dims=1)
     step_fn = functools.partial(train_step, loss_fn=loss_fn, tx=tx,
                                 num_microbatches=config.grad_accum_steps,
@@ -156,6 +166,13 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
             jax.jit(evaluate_chunk, in_shardings=(state_shardings.params, chunk_sharding),
                     out_shardings=replicated, compiler_options=xla_options or None),
             mesh, rules))
+
+
+def _overlay(params, given):
+    """`params` with every leaf that `given` (a subtree of the same nesting) holds replaced."""
+    if not isinstance(given, dict):
+        return given
+    return {k: _overlay(v, given[k]) if k in given else v for k, v in params.items()}
 
 
 def lower_train_step(run: Run, steps_per_call: int = 1) -> jax.stages.Lowered:

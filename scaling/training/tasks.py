@@ -135,7 +135,37 @@ LANGUAGE_MODELING = Task(
     items_per_example=lambda spec: spec["tokens"].shape[0] - 1,
     model_inputs=_next_token_model_inputs)
 
-TASKS = {task.name: task for task in (CLASSIFICATION, LANGUAGE_MODELING)}
+def _sft_sums(outputs, batch):
+    """The language model's sums, plus exact matches: pairs whose every response token is
+    the argmax given the tokens before it, which is exactly when greedy decoding reproduces
+    the response. A tiled projection (`model.loss_chunk`) makes no argmax, so it has none."""
+    sums = _lm_sums(outputs, batch)
+    if isinstance(outputs, Projection):
+        return sums
+    targets = batch["tokens"][:, 1:]
+    weights = document_weights(batch, batch["weights"] * batch["mask"][:, None])
+    wrong = weights * (jnp.argmax(outputs, -1) != targets)
+    B, L = targets.shape
+    pair = (jnp.arange(B)[:, None] * (L + 1) + batch["segment_ids"][:, 1:]).reshape(-1)
+    wrong_per_pair = jax.ops.segment_sum(wrong.reshape(-1), pair, B * (L + 1))
+    answered = jax.ops.segment_sum(weights.reshape(-1), pair, B * (L + 1)) > 0
+    return {**sums, "pairs": jnp.sum(answered),
+            "exact": jnp.sum(answered & (wrong_per_pair == 0))}
+
+
+def _sft_summary(sums):
+    summary = _lm_summary(sums)
+    if "pairs" in sums:
+        summary.update(exact_match=float(sums["exact"]) / max(float(sums["pairs"]), 1.0),
+                       num_pairs=int(sums["pairs"]))
+    return summary
+
+
+SUPERVISED_FINETUNING = dataclasses.replace(
+    LANGUAGE_MODELING, name="sft", eval_sums=_sft_sums, summarize=_sft_summary)
+
+TASKS = {task.name: task for task in (CLASSIFICATION, LANGUAGE_MODELING, SUPERVISED_FINETUNING)}
+LANGUAGE_TASKS = ("language_modeling", "sft")  # sampled from, with a tokenizer
 
 
 def get_task(name: str) -> Task:
