@@ -1,8 +1,8 @@
 """Exceptions that end a run with one message and a documented exit code.
 
 `exit_on_error` turns each into a single line on stderr and its exit code (UserError 2,
-TrainingDiverged 3, DoesNotFit 4, CheckpointWriteError 74, Preempted 75), so every module can
-stop a run without printing or exiting itself.
+TrainingDiverged 3, DoesNotFit 4, CheckpointWriteError 74, Preempted 75, Interrupted and
+Ctrl-C 130), so every module can stop a run without printing or exiting itself.
 """
 
 import sys
@@ -28,7 +28,12 @@ class Preempted(Exception):
     """Raised once the preemption checkpoint is committed; a re-run resumes from it."""
 
 
+class Interrupted(Preempted):
+    """Ctrl-C in training: the step reached is saved, as for a preemption; a re-run resumes."""
+
+
 EXIT_CODES = {
+    Interrupted: 130,          # 128 + SIGINT, as a shell reports Ctrl-C
     UserError: 2,
     TrainingDiverged: 3,
     DoesNotFit: 4,
@@ -46,6 +51,10 @@ def exit_on_error(fn, *args) -> None:
     """
     try:
         fn(*args)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop's own handling
+        print("error: interrupted (Ctrl-C); nothing was saved since the last checkpoint",
+              file=sys.stderr, flush=True)
+        sys.exit(EXIT_CODES[Interrupted])
     except tuple(EXIT_CODES) as e:
         if not isinstance(e, Preempted):  # its message was printed when it saved
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -132,7 +132,12 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, fashion_mnist_ava
     assert steps[-1] == 1200
 
 
-def test_sigterm_saves_the_current_step_and_exits_75(tmp_path, fashion_mnist_available):
+@pytest.mark.parametrize("signal_number, code, word", [
+    (signal.SIGTERM, 75, "preempted"), (signal.SIGINT, 130, "interrupted")],
+    ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_saves_the_current_step_and_exits(signal_number, code, word, tmp_path,
+                                                   fashion_mnist_available):
+    """SIGTERM (a preemption) exits 75, Ctrl-C 130; both save first, without a traceback."""
     workdir = tmp_path / "run"
     args = [sys.executable, "-m", "scaling.main", "--experiment=fashion_mnist_mlp",
             f"--workdir={workdir}", "--config.num_steps=100000", "--config.log_every_steps=10",
@@ -143,12 +148,13 @@ def test_sigterm_saves_the_current_step_and_exits_75(tmp_path, fashion_mnist_ava
     deadline = time.time() + 120
     while (not metrics.exists() or metrics.stat().st_size == 0) and time.time() < deadline:
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    stdout, _ = process.communicate(timeout=60)
-    assert process.returncode == 75
+    process.send_signal(signal_number)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == code, stderr[-2000:]
+    assert "Traceback" not in stderr
     saved = committed_steps(workdir)
     assert len(saved) == 1 and 0 < saved[0] < 100000
-    assert f"preempted: saved step {saved[0]}" in stdout
+    assert f"{word}: saved step {saved[0]}" in stdout
 
     result = run_cli("--experiment=fashion_mnist_mlp", f"--workdir={workdir}",
                      f"--config.num_steps={saved[0] + 64}",

@@ -110,6 +110,11 @@ def restore_params(manager: checkpoint.Checkpoints, step: int, abstract_params) 
     checkpoint's other entries as they are saved, so only params can differ and the message
     names exactly the params that do.
     """
+    with checkpoint.reading(manager, step):
+        return _restore_params(manager, step, abstract_params)
+
+
+def _restore_params(manager: checkpoint.Checkpoints, step: int, abstract_params) -> Any:
     import orbax.checkpoint as ocp
 
     saved = manager.orbax.item_metadata(step).tree
@@ -140,7 +145,8 @@ def load(config: ml_collections.ConfigDict, workdir: Path, requested_step: int |
     try:
         step = checkpoint_step(manager, requested_step, workdir)
         spec = model_spec(config, experiment)
-        params = restore_params(manager, step, spec.abstract_params)
+        with checkpoint.read_only(manager):
+            params = restore_params(manager, step, spec.abstract_params)
     finally:
         manager.close()
     return Restored(config=config, mesh=spec.mesh, rules=spec.rules, model=spec.model,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -154,6 +155,27 @@ def quiet_tracebacks() -> None:
             handler.addFilter(_OneLineRecords())
 
 
+class DamagedCheckpoint(UserError):
+    """A committed step whose files cannot be read back (truncated, missing or garbage)."""
+
+    def __init__(self, directory: Path, step: int, error: Exception):
+        self.step = step
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        super().__init__(f"checkpoint {directory / str(step)} is damaged "
+                         f"({type(error).__name__}: {first})")
+
+
+@contextlib.contextmanager
+def reading(manager: Checkpoints, step: int):
+    """Any failure to read step `step` but a refusal of ours becomes DamagedCheckpoint."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many kinds
+        raise DamagedCheckpoint(manager.directory, step, e) from None
+
+
 def restore(manager: Checkpoints, abstract_state, step: int | None = None):
     import orbax.checkpoint as ocp
 
@@ -161,21 +183,73 @@ def restore(manager: Checkpoints, abstract_state, step: int | None = None):
     if step not in manager.all_steps():
         raise UserError(f"no checkpoint for step {step} in {manager.directory}; "
                         f"available: {', '.join(map(str, manager.all_steps())) or 'none'}")
-    if holds_params_only(manager, step):
-        workdir = manager.directory.parent
-        raise UserError(f"checkpoint {manager.directory / str(step)} holds params only (an "
-                        "imported model), no optimizer state to resume; fine-tune in a new "
-                        f"--workdir with --config.init_from={workdir}")
-    check_compatible(manager, step, abstract_state)
-    return manager.orbax.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    with reading(manager, step):
+        if holds_params_only(manager, step):
+            workdir = manager.directory.parent
+            raise UserError(f"checkpoint {manager.directory / str(step)} holds params only (an "
+                            "imported model), no optimizer state to resume; fine-tune in a new "
+                            f"--workdir with --config.init_from={workdir}")
+        check_compatible(manager, step, abstract_state)
+        return manager.orbax.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+@contextlib.contextmanager
+def read_only(manager: Checkpoints):
+    """For modes that only read (eval, sample, predict, export): a damaged step is reported
+    with the flag that reads the step before; nothing is moved, a training run does that."""
+    try:
+        yield
+    except DamagedCheckpoint as damaged:
+        earlier = [s for s in manager.all_steps() if s < damaged.step]
+        hint = (f"; --checkpoint_step={earlier[-1]} reads the step before (predict, export, "
+                "export_hf), and the next training run moves the damaged one aside"
+                if earlier else "; no earlier step exists")
+        raise UserError(f"{damaged}{hint}") from None
+
+
+def move_aside(manager: Checkpoints, step: int) -> Path:
+    """Rename a damaged step folder out of the step listing (never delete it)."""
+    source = manager.directory / str(step)
+    target = source.with_name(f"{step}.damaged")
+    n = 1
+    while target.exists():
+        n += 1
+        target = source.with_name(f"{step}.damaged{n}")
+    source.rename(target)
+    if manager.opened:
+        manager.orbax.reload()
+    return target
 
 
 def restore_or_init(manager: Checkpoints, abstract_state,
                     init: Callable[[], object]) -> tuple[object, bool]:
-    """The latest committed checkpoint if there is one, else a fresh state; and which it was."""
+    """The latest intact checkpoint if there is one, else a fresh state; and which it was.
+
+    A damaged step is moved aside (`STEP.damaged`) with a warning and the one before it is
+    tried, down to the oldest. With several processes none moves anything: the run stops
+    with the command that moves it, since processes moving folders under each other's reads
+    would disagree on the step. If no step is intact the run stops too, rather than start
+    over silently; once the damaged ones are aside, a re-run starts from scratch.
+    """
     if manager.latest_step() is None:
         return init(), False
-    return restore(manager, abstract_state), True
+    moved = []
+    while manager.latest_step() is not None:
+        try:
+            return restore(manager, abstract_state), True
+        except DamagedCheckpoint as damaged:
+            if jax.process_count() > 1:
+                raise UserError(f"{damaged}; move it aside and re-run to resume from the step "
+                                f"before: mv {manager.directory / str(damaged.step)} "
+                                f"{manager.directory / str(damaged.step)}.damaged") from None
+            moved.append(move_aside(manager, damaged.step))
+            earlier = manager.latest_step()
+            print(f"warning: {damaged}; moved it to {moved[-1]}"
+                  + (f", resuming from step {earlier}" if earlier is not None else ""),
+                  file=sys.stderr, flush=True)
+    raise UserError(f"no intact checkpoint in {manager.directory}: the damaged ones are moved "
+                    f"aside ({', '.join(p.name for p in moved)}); re-run to start over from "
+                    "step 0, or put an intact copy back")
 
 
 def check_compatible(manager: Checkpoints, step: int, abstract_state) -> None:

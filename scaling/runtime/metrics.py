@@ -14,6 +14,8 @@ from pathlib import Path
 
 import jax
 
+from scaling.runtime import jsonl
+
 
 class MetricsWriter:
     """One JSON object per event in metrics.jsonl, mirrored to TensorBoard."""
@@ -29,12 +31,10 @@ class MetricsWriter:
         self._tensorboard_dir = Path(workdir) / "tensorboard"
 
     def _drop_records_after(self, step: int) -> None:
-        """A killed run may have logged past its last checkpoint; those steps run again."""
-        if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        """A killed run may have logged past its last checkpoint (those steps run again), or
+        left a torn last line; `jsonl.settle` mends both without rewriting in place."""
+        jsonl.settle(self.path, lambda record: record.get("step", 0) <= step,
+                     "metrics records")
 
     def write(self, step: int, split: str, **scalars: float) -> None:
         if not self.enabled:
@@ -93,8 +93,8 @@ def throughput(examples_per_sec: float, items_per_example: int, flops_per_exampl
 
 
 def read_metrics(workdir: Path) -> list[dict]:
-    path = Path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Every whole record of the workdir's metrics.jsonl (a torn last line is skipped)."""
+    return list(jsonl.read(Path(workdir) / "metrics.jsonl"))
 
 
 class Progress:

@@ -1,5 +1,8 @@
 """Preemption: SIGTERM asks the loop to checkpoint the step it has reached and exit.
 
+Ctrl-C (SIGINT) does the same on one process, so an interrupted run loses nothing; a second
+Ctrl-C stops at once (`KeyboardInterrupt`, reported in one line by `exit_on_error`).
+
 On one process a signal handler sets a flag. With several processes they must agree on the
 step to stop at, so JAX's preemption sync point decides (the distributed runtime watches for
 SIGTERM itself, as it does on TPU VMs).
@@ -15,13 +18,21 @@ class PreemptionWatch:
         import jax
 
         self.requested = False
+        self.interrupted = False  # the request came from Ctrl-C
         self._calls = 0
         self.multiprocess = jax.process_count() > 1
-        self._previous = None
+        self._previous = {}
         if not self.multiprocess:
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            for number in (signal.SIGTERM, signal.SIGINT):
+                self._previous[number] = signal.signal(number, self._on_signal)
 
-    def _on_sigterm(self, signum, frame) -> None:
+    def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
+            print("\ninterrupted: saving the step reached (Ctrl-C again stops at once)",
+                  flush=True)
         self.requested = True
 
     def should_stop(self) -> bool:
@@ -36,5 +47,5 @@ class PreemptionWatch:
         return self.requested
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)

@@ -21,7 +21,7 @@ from pathlib import Path
 import ml_collections
 
 from scaling.errors import UserError
-from scaling.runtime import checkpoint
+from scaling.runtime import checkpoint, jsonl
 
 PACKAGES = ("scaling", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
             "ml-collections", "tensorflow-datasets")
@@ -103,7 +103,9 @@ def record(workdir: Path, config: ml_collections.ConfigDict, experiment_file: Pa
         "config": config.to_dict(),
         **(extra or {}),
     }
-    with open(workdir / "provenance.jsonl", "a") as f:
+    path = workdir / "provenance.jsonl"
+    jsonl.settle(path, what="provenance records")  # a torn line must not swallow this one
+    with open(path, "a") as f:
         f.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
     return entry
 

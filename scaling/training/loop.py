@@ -18,7 +18,7 @@ import numpy as np
 
 from scaling.data import heldout
 from scaling.data.tokenizer import TOKENIZER_DIR, save_tokenizer
-from scaling.errors import Preempted, TrainingDiverged, UserError
+from scaling.errors import Interrupted, Preempted, TrainingDiverged, UserError
 from scaling.models import lora
 from scaling.runtime import checkpoint, chips, profiling, startup_gc
 from scaling.runtime.metrics import MetricsWriter, Progress, throughput
@@ -143,8 +143,9 @@ def _train_loop(run: Run, dataset, state, step: int, manager, logger, writer, pr
                 logger.log(*pending)
             checkpoint.save(manager, state, force=True)
             checkpoint.wait(manager)
-            progress.message(f"preempted: saved step {step}; re-run the same command to resume")
-            raise Preempted(step)
+            why = "interrupted" if watch.interrupted else "preempted"
+            progress.message(f"{why}: saved step {step}; re-run the same command to resume")
+            raise (Interrupted if watch.interrupted else Preempted)(step)
     return state, step
 
 
@@ -156,7 +157,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: Path, experi
         raise UserError(f"--workdir={workdir}: no checkpoint to evaluate in "
                         f"{Path(workdir) / 'checkpoints'}; train first with --mode=train")
     run, dataset = setup(config, experiment)
-    state = checkpoint.restore(manager, run.abstract_state)
+    with checkpoint.read_only(manager):
+        state = checkpoint.restore(manager, run.abstract_state)
     step = int(jax.device_get(state.step))
     writer = MetricsWriter(workdir, resume_step=2**62)
     progress = Progress(run.total_steps)
