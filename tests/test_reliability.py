@@ -250,6 +250,26 @@ def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(small_disk
     assert committed_steps(workdir) == [8, 16]
 
 
+def test_a_save_failing_mid_run_exits_74_at_once_without_a_traceback(small_disk,
+                                                                      tiny_idx_dir):
+    """The first save fails in Orbax's writer threads; the run learns of it at the next save
+    and stops there. Orbax raises the same failure again at every later wait and at close,
+    which must neither replace the message nor hang."""
+    with open(small_disk / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
+    full = run_cli(*tiny_args(tiny_idx_dir, small_disk.parent, "--config.num_steps=16",
+                              "--config.checkpoint_every_steps=4"), timeout=30)
+    assert full.returncode == 74, full.stderr[-2000:]
+    assert "Traceback" not in full.stderr
+    message = [line for line in full.stderr.splitlines() if line.startswith("error: ")]
+    assert len(message) == 1 and "saving the checkpoint of step 4" in message[0]
+    assert "no earlier checkpoint exists" in message[0]
+
+
 def test_checkpoints_contain_no_pickle(tmp_path, tiny_idx_dir):
     config, module = tiny_config(tiny_idx_dir)
     loop.train_and_evaluate(config, tmp_path, module)

@@ -43,6 +43,7 @@ class Checkpoints:
         self.keep = keep
         self._orbax = None
         self.saving: int | None = None  # the step of the latest save started
+        self.failed = False  # a write failure was reported: Orbax re-raises it on every wait
 
     @property
     def orbax(self):
@@ -75,7 +76,8 @@ class Checkpoints:
 
     def close(self) -> None:
         if self._orbax is not None:
-            self._orbax.close()
+            with _write_errors(self):
+                self._orbax.close()
 
 
 def make_manager(workdir: Path, keep: int) -> Checkpoints:
@@ -128,6 +130,9 @@ def _write_errors(manager: Checkpoints):
     try:
         yield
     except Exception as e:  # noqa: BLE001 - any failure to write is reported the same way
+        if manager.failed:  # already reported; Orbax raises it again at each wait and close
+            return
+        manager.failed = True
         step = manager.saving
         manager.orbax.reload()
         committed = [s for s in manager.all_steps() if s != step]
