@@ -53,6 +53,61 @@ def test_user_mistakes_exit_2_with_one_message(args, fragments, env, python_flag
     assert_user_error(result, *fragments)
 
 
+def experiment_file(tmp_path, content: bytes, name: str = "mine.py") -> str:
+    path = tmp_path / name
+    path.write_bytes(content)
+    return f"--experiment={path}"
+
+
+def workdir_config_json(tmp_path, content: str) -> list[str]:
+    """A workdir with a checkpoint folder and this config.json beside it."""
+    workdir = tmp_path / "old"
+    (workdir / "checkpoints" / "5").mkdir(parents=True)
+    (workdir / "config.json").write_text(content)
+    return ["--experiment=fashion_mnist_mlp", f"--workdir={workdir}", "--mode=eval"]
+
+
+# Each row: a function of tmp_path giving the arguments, and the fragments of the message.
+FILE_MISTAKES = {
+    "get_config raises": (lambda d: [experiment_file(d, b"def get_config():\n    return 1 / 0\n")],
+                          ["get_config() raised at line 2: ZeroDivisionError"]),
+    "not UTF-8": (lambda d: [experiment_file(d, b"\xff\xfe")], ["not UTF-8 text (byte 0)"]),
+    "not a .py file": (lambda d: [experiment_file(d, b"x = 1\n", "notes.txt")],
+                       ["not a Python file"]),
+    "a workdir name too long": (lambda d: ["--experiment=fashion_mnist_mlp",
+                                           f"--workdir={d / ('w' * 300)}"],
+                                ["cannot write there (File name too long)"]),
+    "config.json not an object": (lambda d: workdir_config_json(d, "[1, 2]"),
+                                  ["config.json: cannot be read", "not an object"]),
+    "a NaN learning rate": (lambda d: ["--experiment=fashion_mnist_mlp",
+                                       "--config.optimizer.learning_rate=nan"],
+                            ["--config.optimizer.learning_rate=nan: must be a finite number"]),
+    "a negative seed": (lambda d: ["--experiment=fashion_mnist_mlp", "--config.seed=-1"],
+                        ["--config.seed=-1: must be at least 0"]),
+    "a width of 0": (lambda d: ["--experiment=fashion_mnist_mlp",
+                                "--config.model.hidden_sizes=0,5"],
+                     ["--config.model.hidden_sizes=(0, 5): expected integers of at least 1"]),
+    "a batch no host can hold": (lambda d: ["--experiment=fashion_mnist_mlp",
+                                            "--config.batch_size=1000000000"],
+                                 ["--config.batch_size=1000000000: each host would hold"]),
+    "a model no device can hold": (lambda d: ["--experiment=fashion_mnist_mlp",
+                                              "--config.model.hidden_sizes=1000000,1000000"],
+                                   ["the train state needs 10.9 TiB a device"]),
+}
+
+
+@pytest.mark.parametrize("mistake", FILE_MISTAKES)
+@pytest.mark.parametrize("python_flags", [(), ("-O",)], ids=["python", "python -O"])
+def test_more_user_mistakes_exit_2_with_one_message(mistake, python_flags, tmp_path,
+                                                    fashion_mnist_available):
+    make_args, fragments = FILE_MISTAKES[mistake]
+    args = make_args(tmp_path)
+    if not any(a.startswith("--workdir") for a in args):
+        args.append(f"--workdir={tmp_path / 'run'}")
+    result = run_cli(*args, python_flags=python_flags)
+    assert_user_error(result, *fragments)
+
+
 def test_user_errors_survive_python_O(tmp_path):
     result = subprocess.run([sys.executable, "-O", "-m", "scaling.main",
                              "--experiment=mnist_mlp", "--config.batch_size=0",

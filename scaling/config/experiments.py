@@ -14,6 +14,7 @@ import difflib
 import importlib.util
 import os
 import sys
+import traceback
 import types
 from collections.abc import Iterable
 from pathlib import Path
@@ -69,6 +70,9 @@ def resolve_experiment(name_or_path: str) -> Path:
         path = Path(name_or_path).expanduser()
         if not path.is_file():
             raise UserError(f"--experiment={name_or_path}: no such file")
+        if path.suffix != ".py":
+            raise UserError(f"--experiment={name_or_path}: not a Python file; an experiment "
+                            "is a .py file defining get_config()")
         return path.resolve()
     for directory in experiment_dirs():
         candidate = directory / f"{name_or_path}.py"
@@ -89,20 +93,31 @@ def load_experiment(path: Path) -> types.ModuleType:
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     try:
-        source = path.read_text()
+        source = path.read_text(encoding="utf-8")
         compile(source, str(path), "exec")
     except SyntaxError as e:
         raise UserError(f"--experiment={path}: syntax error at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--experiment={path}: not UTF-8 text (byte {e.start}); save it as "
+                        "UTF-8") from None
+    except OSError as e:
+        raise UserError(f"--experiment={path}: cannot read it ({e.strerror})") from None
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as e:
-        raise UserError(
-            f"--experiment={path}: importing the file failed: {type(e).__name__}: {e}"
-        ) from e
+    except Exception as e:  # noqa: BLE001 - whatever the file raises is the user's to fix
+        raise UserError(f"--experiment={path}: importing the file failed"
+                        f"{_line_in(e, path)}: {type(e).__name__}: {e}") from None
     if not callable(getattr(module, "get_config", None)):
         raise UserError(f"--experiment={path}: the file defines no get_config() function")
     return module
+
+
+def _line_in(error: BaseException, path: Path) -> str:
+    """` at line N`, the last line of the experiment file in the error's traceback."""
+    lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+             if Path(frame.filename) == path]
+    return f" at line {lines[-1]}" if lines else ""
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
@@ -205,7 +220,11 @@ def load_config(experiment: str, overrides: Iterable[str]) -> tuple[ml_collectio
     """
     path = resolve_experiment(experiment)
     module = load_experiment(path)
-    given = module.get_config()
+    try:
+        given = module.get_config()
+    except Exception as e:  # noqa: BLE001 - whatever the file raises is the user's to fix
+        raise UserError(f"--experiment={path}: get_config() raised{_line_in(e, path)}: "
+                        f"{type(e).__name__}: {e}") from None
     if not isinstance(given, ml_collections.ConfigDict):
         raise UserError(f"--experiment={path}: get_config() must return an "
                         "ml_collections.ConfigDict")

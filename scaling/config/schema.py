@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -68,6 +69,9 @@ class Field:
     help: str
     choices: tuple | None = None
     minimum: float | None = None
+    maximum: float | None = None
+    above: float | None = None         # a strict lower bound (a rate, a base)
+    items_minimum: int | None = None   # tuple fields of integers (widths): each at least this
 
     def coerce(self, value: Any, where: str) -> Any:
         """`value` as this field's type, or a UserError naming `where` the value came from."""
@@ -90,9 +94,27 @@ class Field:
         """What is wrong with a value of the right type, as the end of a message; or None."""
         if self.choices is not None and value not in self.choices:
             return f"expected one of {', '.join(map(str, self.choices))}"
+        if self.type is float and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            return "must be a finite number (within float32's range, which computes it)"
+        if self.type is int and abs(value) > MAX_INT:
+            return f"must lie within ±{MAX_INT:,}"
         if self.minimum is not None and value < self.minimum:
             return f"must be at least {self.minimum:g}"
+        if self.above is not None and not value > self.above:
+            return f"must be greater than {self.above:g}"
+        if self.maximum is not None and value > self.maximum:
+            return f"must be at most {self.maximum:g}"
+        if self.items_minimum is not None and not all(
+                isinstance(v, int) and not isinstance(v, bool)
+                and self.items_minimum <= v <= MAX_INT for v in value):
+            return f"expected integers of at least {self.items_minimum}"
         return None
+
+
+# Sizes past this are typos (an extra digit, a wrong unit); refusing them here keeps them from
+# overflowing in numpy or XLA later. Memory checks refuse smaller impossible sizes.
+MAX_INT = 2**40
+FLOAT32_MAX = 3.4e38
 
 
 def _as_tuples(value: Any) -> Any:
@@ -143,7 +165,8 @@ DEFAULT_SHARDING_RULES = (
 
 COMMON_FIELDS = (
     Field("experiment", str, "", "the experiment file's name; set when the file is loaded"),
-    Field("seed", int, 0, "seeds parameter init and the data order"),
+    Field("seed", int, 0, "seeds parameter init and the data order", minimum=0,
+          maximum=2**32 - 1),
     Field("task", str, REQUIRED, "the loss and metrics; sft: a language model's loss on "
           "response tokens only, with exact-match accuracy",
           choices=("classification", "language_modeling", "sft")),
@@ -166,8 +189,10 @@ COMMON_FIELDS = (
     Field("optimizer.warmup_steps", int, 0, "warmup_cosine: steps of linear warmup", minimum=0),
     Field("optimizer.final_lr_fraction", float, 0.0, "warmup_cosine: the final learning rate "
           "as a fraction of the peak", minimum=0),
-    Field("optimizer.b1", float, 0.9, "adam, adamw: decay of the first moment"),
-    Field("optimizer.b2", float, 0.999, "adam, adamw: decay of the second moment"),
+    Field("optimizer.b1", float, 0.9, "adam, adamw: decay of the first moment", minimum=0,
+          maximum=1),
+    Field("optimizer.b2", float, 0.999, "adam, adamw: decay of the second moment", minimum=0,
+          maximum=1),
     Field("optimizer.eps", float, 1e-8, "adam, adamw: added to the root of the second moment "
           "(Keras uses 1e-7)"),
     Field("optimizer.weight_decay", float, 0.0, "adamw: decoupled weight decay (never on "
@@ -203,7 +228,8 @@ COMMON_FIELDS = (
 
 MODEL_FIELDS = {
     "mlp": (
-        Field("model.hidden_sizes", tuple, REQUIRED, "widths of the relu hidden layers"),
+        Field("model.hidden_sizes", tuple, REQUIRED, "widths of the relu hidden layers",
+              items_minimum=1),
         Field("model.num_classes", int, REQUIRED, "width of the output layer", minimum=1),
         Field("model.dtype", str, "float32", "compute dtype (params stay float32)",
               choices=DTYPES),
@@ -222,7 +248,7 @@ MODEL_FIELDS = {
         Field("model.max_seq_len", int, REQUIRED, "longest sequence, and the KV cache "
               "length when sampling", minimum=1),
         Field("model.rope_theta", float, 10_000.0, "base of the rotary embedding "
-              "frequencies"),
+              "frequencies", above=1),
         Field("model.rope_scaling", str, "none", "how RoPE is stretched past the context "
               "first trained at: none, or llama3 (Llama 3.1 and 3.2)",
               choices=("none", "llama3")),
@@ -451,10 +477,12 @@ def _why_unknown(key: str, given: Mapping) -> str:
             if any(f.key == key for f in table):
                 return (f" for {selector}={show(_get(given, selector))}; it is a field of "
                         f"{selector}={show(name)}")
-    for kind, table in DATA_FIELDS.items():
-        if any(f.key == key for f in table):
-            return (f" for data.name={show(_get(given, 'data.name'))}; it is a field of "
-                    f"{kind} datasets ({', '.join(n for n, k in DATA_KINDS.items() if k == kind)})")
+    kinds = [f"{kind} datasets ({', '.join(n for n, k in DATA_KINDS.items() if k == kind)})"
+             for kind, table in sorted(DATA_FIELDS.items(), key=lambda item: item[0] != "text")
+             if any(f.key == key for f in table)]
+    if kinds:
+        return (f" for data.name={show(_get(given, 'data.name'))}; it is a field of "
+                + " and ".join(kinds))
     close = difflib.get_close_matches(key, all_keys(), n=3, cutoff=0.6)
     return f". Did you mean: {', '.join(close)}?" if close else ""
 

@@ -121,6 +121,8 @@ def check_model_config(workdir: Path, config: ml_collections.ConfigDict,
         return []
     try:
         recorded = json.loads(recorded_path.read_text())
+        if not isinstance(recorded, dict):
+            raise ValueError(f"it holds a JSON {type(recorded).__name__}, not an object")
     except (OSError, ValueError) as e:
         raise UserError(f"{recorded_path}: cannot be read ({e}); it records the config the "
                         "checkpoints were written with. Restore it, or pass "

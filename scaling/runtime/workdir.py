@@ -44,9 +44,9 @@ def prepare(workdir: str | None, experiment: str) -> Path:
         flag = f"the default workdir {path}"
         if runs not in path.parents:
             raise UserError(f"{flag} resolves outside {runs}; choose one with --workdir")
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{flag}: exists and is not a directory; choose another --workdir")
     try:
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{flag}: exists and is not a directory; choose another --workdir")
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass

@@ -24,7 +24,7 @@ from scaling.data import element_spec, load_dataset
 from scaling.data.loader import TrainLoader, eval_chunks
 from scaling.errors import UserError
 from scaling.models import axes, lora, make_model, training_flops_per_example
-from scaling.training import compiler_options
+from scaling.training import compiler_options, memory_check
 from scaling.training import mesh as mesh_lib
 from scaling.training.optimizer import make_optimizer
 from scaling.training.state_summary import state_table
@@ -276,4 +276,7 @@ def setup(config: ml_collections.ConfigDict, experiment=None, devices=None):
     if dataset.tokenizer is not None and vocab is not None and vocab < dataset.tokenizer.vocab_size:
         raise UserError(f"--config.model.vocab_size={vocab}: the tokenizer has "
                         f"{dataset.tokenizer.vocab_size} tokens; raise it to at least that")
-    return build_run(config, mesh, element_spec(config), dataset.num_train, experiment), dataset
+    run = build_run(config, mesh, element_spec(config), dataset.num_train, experiment)
+    memory_check.check_fits(config, run.abstract_state, element_spec(config), mesh.devices.flat,
+                            config.data.prefetch_steps if dataset.streamed else 0)
+    return run, dataset
