@@ -254,3 +254,100 @@ def test_a_missing_artifact_is_a_user_error(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "not an exported model" in errors[0]
+
+
+@pytest.fixture(scope="module")
+def strict_server(artifact, tmp_path_factory):
+    running = Server(artifact, tmp_path_factory.mktemp("strict"), "--idle_timeout_s=1",
+                     "--body_timeout_s=1", "--max_json_depth=8")
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def raw_exchange(port: int, data: bytes, wait_s: float = 10.0) -> tuple[bytes, float]:
+    """Send `data` on a fresh connection, then read until the server closes it; the reply
+    and the seconds the server took to close."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as connection:
+        start = time.monotonic()
+        if data:
+            connection.sendall(data)
+        chunks = []
+        while chunk := connection.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks), time.monotonic() - start
+
+
+def json_body(reply: bytes) -> tuple[int, dict]:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_deep_nesting_is_refused_before_parsing(strict_server):
+    status, body = strict_server.request("POST", "/predict", b'{"instances": ' + b"[" * 30000
+                                         + b"]" * 30000 + b"}")
+    assert status == 400 and "nests 30001 levels deep, over the limit of 8" in body["error"]
+
+
+def test_a_request_aiohttp_cannot_parse_gets_a_json_400(strict_server):
+    reply, _ = raw_exchange(strict_server.port, b"GARBAGE\x01 / HTTP/1.1\r\n\r\n")
+    status, body = json_body(reply)
+    assert status == 400 and body["error"].startswith("Bad Request")
+
+
+def test_a_slow_body_gets_408_and_idle_connections_are_closed(strict_server):
+    started = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: 1000\r\n\r\n{\"instances\": [")
+    reply, seconds = raw_exchange(strict_server.port, started)
+    status, body = json_body(reply)
+    assert status == 408 and "did not arrive within 1 s" in body["error"]
+    for silent in (b"", b"POST /predict HTTP/1.1\r\nHost: x\r\n"):  # nothing; half a header
+        reply, seconds = raw_exchange(strict_server.port, silent)
+        assert reply == b"" and seconds < 5
+    status, _ = strict_server.request("GET", "/healthz")
+    assert status == 200
+
+
+def test_health_checks_answer_while_a_large_body_is_parsed():
+    """In process, with a model whose input conversion takes 1.5 s: /healthz must not wait
+    for it, since bodies are parsed on worker threads, not on the event loop."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from scaling.serving.server import Limits, make_app
+
+    class SlowModel:
+        num_classes, label_names, metadata = 2, ("a", "b"), {}
+
+        def as_batch(self, instances):
+            time.sleep(1.5)
+            return np.zeros((len(instances), 2), np.uint8)
+
+        def predict_arrays(self, images):
+            return np.zeros(len(images), np.int32), np.full((len(images), 2), 0.5)
+
+    async def scenario():
+        model = SlowModel()
+        batcher = Batcher(model, 16, 0.001)
+        parser = ThreadPoolExecutor(max_workers=2)
+        client = TestClient(TestServer(make_app(model, batcher, Limits(), parser)))
+        await client.start_server()
+        batcher.start()
+        try:
+            slow = asyncio.create_task(client.post("/predict", json={"instances": [[1, 2]],
+                                                                  "top_k": 1}))
+            await asyncio.sleep(0.3)  # the body is being parsed now
+            start = time.monotonic()
+            health = await client.get("/healthz")
+            waited = time.monotonic() - start
+            assert health.status == 200 and not slow.done()
+            assert (await slow).status == 200
+            return waited
+        finally:
+            await batcher.stop()
+            await client.close()
+            parser.shutdown()
+
+    assert asyncio.run(scenario()) < 1.0

@@ -6,13 +6,18 @@
 
 An image is nested lists of integer pixels 0 to 255 in the dataset's layout (28 x 28, or
 28 x 28 x 1). Each prediction is the record `--mode=predict` writes, less the input name.
-Mistakes get a 4xx and a JSON `{"error": ...}` naming what to fix: malformed JSON, a wrong
-shape or dtype (400), a body over `--max_request_bytes` (413), an unknown path (404).
+Mistakes get a 4xx and a JSON `{"error": ...}` naming what to fix: malformed JSON, nesting
+deeper than `--max_json_depth`, a wrong shape or dtype (400), a body slower than
+`--body_timeout_s` (408), a body over `--max_request_bytes` (413), an unknown path (404), and
+requests aiohttp cannot parse at all (`scaling.serving.protocol`). A connection that sends no
+whole request within `--idle_timeout_s` is closed. Bodies are parsed on worker threads, so
+`/healthz` answers while a large one is decoded.
 
 Concurrent requests are batched: a single worker takes the first waiting request, gathers
 more for up to `--max_wait_ms` or until `--max_batch_size` examples, and runs them as one
 model call in a thread, so the event loop keeps accepting while the device computes. SIGTERM
-or SIGINT stops listening, lets the requests in flight finish, and exits 0.
+or SIGINT stops listening, lets the requests in flight finish (for at most
+`--shutdown_grace_s`), and exits 0.
 
 Why aiohttp rather than the standard library's `ThreadingHTTPServer`: the latter spends a
 thread per connection, parses HTTP in pure Python without keep-alive or slow-client timeouts,
@@ -27,7 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import json
+import math
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +45,7 @@ from aiohttp import web
 
 from scaling.errors import UserError, exit_on_error
 from scaling.runtime import platforms
-from scaling.serving import artifact
+from scaling.serving import artifact, protocol
 from scaling.serving.postprocess import DEFAULT_TOP_K, resolve_top_k, top_k_records
 
 # The server's own flags, apart from the trainer's: its --help lists only these.
@@ -54,8 +61,15 @@ flags.DEFINE_float("max_wait_ms", 2.0, "How long a batch waits for more requests
                    "first has arrived.", flag_values=FLAGS)
 flags.DEFINE_integer("max_request_bytes", 4 << 20, "Larger request bodies are refused with "
                      "413.", flag_values=FLAGS)
-
-SHUTDOWN_TIMEOUT_S = 30.0  # the longest a request in flight may hold up shutdown
+flags.DEFINE_integer("max_json_depth", 16, "Request bodies nested deeper are refused with 400 "
+                     "before they are parsed.", flag_values=FLAGS)
+flags.DEFINE_float("body_timeout_s", 30.0, "A request body not received within this is "
+                   "refused with 408.", flag_values=FLAGS)
+flags.DEFINE_float("idle_timeout_s", 30.0, "A connection that has not sent a whole request "
+                   "within this of opening or of its last response is closed.",
+                   flag_values=FLAGS)
+flags.DEFINE_float("shutdown_grace_s", 30.0, "On SIGTERM or Ctrl-C, the longest the requests "
+                   "in flight may hold up the exit.", flag_values=FLAGS)
 REQUEST_FIELDS = ("instances", "top_k")
 
 Pending = tuple[np.ndarray, asyncio.Future]
@@ -140,11 +154,15 @@ def error_response(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def parse_request(body: bytes, model: artifact.ServedModel) -> tuple[np.ndarray, int]:
+def parse_request(body: bytes, model: artifact.ServedModel,
+                  max_depth: int = 16) -> tuple[np.ndarray, int]:
     """The images and top-k of a request body, or ValueError with a message for the client."""
+    depth = protocol.json_depth(body)
+    if depth > max_depth:
+        raise ValueError(f"the body nests {depth} levels deep, over the limit of {max_depth}")
     try:
         request = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"the body is not valid JSON: {e}") from None
     if not isinstance(request, dict) or "instances" not in request:
         raise ValueError('expected a JSON object {"instances": [image, ...], "top_k": K}')
@@ -159,9 +177,19 @@ def parse_request(body: bytes, model: artifact.ServedModel) -> tuple[np.ndarray,
                                                                "top_k")
 
 
-def make_app(model: artifact.ServedModel, batcher: Batcher, max_request_bytes: int
-             ) -> web.Application:
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_request_bytes: int = 4 << 20
+    max_json_depth: int = 16
+    body_timeout_s: float = 30.0
+
+
+def make_app(model: artifact.ServedModel, batcher: Batcher, limits: Limits,
+             parser: ThreadPoolExecutor) -> web.Application:
+    """The routes. Bodies are parsed on `parser`'s threads, so the event loop (and with it
+    /healthz) keeps answering while a large body is decoded."""
     in_flight = {"requests": 0}
+    max_request_bytes = limits.max_request_bytes
 
     async def predict(request: web.Request) -> web.Response:
         if request.content_length is not None and request.content_length > max_request_bytes:
@@ -170,7 +198,15 @@ def make_app(model: artifact.ServedModel, batcher: Batcher, max_request_bytes: i
         in_flight["requests"] += 1
         try:
             try:
-                images, top_k = parse_request(await request.read(), model)
+                body = await asyncio.wait_for(request.read(), limits.body_timeout_s)
+            except TimeoutError:
+                response = error_response(408, f"the body did not arrive within "
+                                          f"{limits.body_timeout_s:g} s")
+                response.force_close()  # the rest of the body may still come: drop it
+                return response
+            try:
+                images, top_k = await asyncio.get_running_loop().run_in_executor(
+                    parser, parse_request, body, model, limits.max_json_depth)
             except ValueError as e:  # InvalidInput is a ValueError too
                 return error_response(400, str(e))
             labels, probabilities = await batcher.predict(images)
@@ -210,14 +246,21 @@ def make_app(model: artifact.ServedModel, batcher: Batcher, max_request_bytes: i
 
 
 async def serve(model: artifact.ServedModel, host: str, port: int, max_batch_size: int,
-                max_wait_ms: float, max_request_bytes: int) -> None:
-    """Serve until SIGTERM or SIGINT, then finish the requests in flight and return."""
+                max_wait_ms: float, limits: Limits, idle_timeout_s: float = 30.0,
+                shutdown_grace_s: float = 30.0) -> None:
+    """Serve until SIGTERM or SIGINT, then finish the requests in flight (for at most
+    `shutdown_grace_s`) and return."""
     loop = asyncio.get_running_loop()
     batcher = Batcher(model, max_batch_size, max_wait_ms / 1000)
     batcher.start()
-    runner = web.AppRunner(make_app(model, batcher, max_request_bytes), access_log=None,
-                           shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    parser = ThreadPoolExecutor(max_workers=2, thread_name_prefix="parse")
+    # After an early answer (408, 413) aiohttp reads what the client still sends for
+    # `lingering_time` before closing, so the client sees the answer, not a reset; a second
+    # is plenty on any network and bounds what a slow client can hold.
+    runner = web.AppRunner(make_app(model, batcher, limits, parser), access_log=None,
+                           shutdown_timeout=shutdown_grace_s, lingering_time=1.0)
     await runner.setup()
+    protocol.limit_connections(runner, idle_timeout_s)
     try:
         await web.TCPSite(runner, host, port).start()
     except OSError as e:
@@ -235,6 +278,7 @@ async def serve(model: artifact.ServedModel, host: str, port: int, max_batch_siz
     print("stopping: finishing the requests in flight", flush=True)
     await runner.cleanup()  # stops listening, then waits for the handlers in flight
     await batcher.stop()
+    parser.shutdown(wait=False, cancel_futures=True)
     print(f"stopped after {batcher.model_calls} model calls", flush=True)
 
 
@@ -249,13 +293,17 @@ def run(argv: list[str]) -> None:
         raise UserError("--artifact is required: the directory that --mode=export wrote")
     if not 0 <= FLAGS.port <= 65535:
         raise UserError(f"--port={FLAGS.port}: expected 0 to 65535 (0 picks a free port)")
-    for name, minimum in (("max_batch_size", 1), ("max_wait_ms", 0), ("max_request_bytes", 1)):
-        if FLAGS[name].value < minimum:
-            raise UserError(f"--{name}={FLAGS[name].value}: must be at least {minimum}")
+    for name, minimum in (("max_batch_size", 1), ("max_wait_ms", 0), ("max_request_bytes", 1),
+                          ("max_json_depth", 1), ("body_timeout_s", 0.001),
+                          ("idle_timeout_s", 0.001), ("shutdown_grace_s", 0)):
+        value = FLAGS[name].value
+        if not (value >= minimum and math.isfinite(value)):
+            raise UserError(f"--{name}={value}: must be at least {minimum}")
     model = artifact.load(FLAGS.artifact, FLAGS.max_batch_size)
     model.warm_up()
+    limits = Limits(FLAGS.max_request_bytes, FLAGS.max_json_depth, FLAGS.body_timeout_s)
     asyncio.run(serve(model, FLAGS.host, FLAGS.port, FLAGS.max_batch_size, FLAGS.max_wait_ms,
-                      FLAGS.max_request_bytes))
+                      limits, FLAGS.idle_timeout_s, FLAGS.shutdown_grace_s))
 
 
 def entry(argv: list[str] | None = None) -> None:
