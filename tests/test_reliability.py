@@ -323,8 +323,16 @@ def test_a_second_run_on_a_busy_workdir_exits_2_and_the_first_finishes_as_if_alo
     second = run_cli(*tiny_args(tiny_idx_dir, workdir, "--config.optimizer.learning_rate=0.1",
                                 *train))
     still_training = first.poll() is None
+    # Readers need no lock: an evaluation of the first committed checkpoint runs beside it,
+    # appending its record without rewriting the file the first run appends to.
+    while time.time() < deadline and not committed_steps(workdir):
+        time.sleep(0.05)
+    evaluated = run_cli(*tiny_args(tiny_idx_dir, workdir, *train), "--mode=eval")
+    evaluating_beside = first.poll() is None
     assert first.wait(timeout=600) == 0, first.stderr.read()
     assert still_training, "the first run ended before the second tried; lengthen it"
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert evaluating_beside, "the first run ended before the evaluation; lengthen it"
     assert second.returncode == 2 and "Traceback" not in second.stderr
     (line,) = second.stderr.strip().splitlines()
     assert line.startswith(f"error: --workdir={workdir}: another run is using it (host ")
@@ -332,9 +340,12 @@ def test_a_second_run_on_a_busy_workdir_exits_2_and_the_first_finishes_as_if_alo
     # The refused run wrote nothing: one start recorded, and the history is the first run's
     # alone, to the bit.
     starts = [json.loads(r) for r in (workdir / "provenance.jsonl").read_text().splitlines()]
-    assert len(starts) == 1
+    assert [s["mode"] for s in starts] == ["train", "eval"]
     assert run_cli(*tiny_args(tiny_idx_dir, alone, *train)).returncode == 0
-    assert logged(workdir) == logged(alone) and len(logged(alone)) > 10
+    evaluations = [r for r in logged(workdir) if r["split"] != "train" and r["step"] < 1500]
+    assert len(evaluations) == 1  # the evaluation's own record, beside the run's
+    history = [r for r in logged(workdir) if r not in evaluations]
+    assert history == logged(alone) and len(history) > 10
 
 
 def logged(workdir):

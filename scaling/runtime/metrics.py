@@ -20,13 +20,16 @@ from scaling.runtime import jsonl
 class MetricsWriter:
     """One JSON object per event in metrics.jsonl, mirrored to TensorBoard."""
 
-    def __init__(self, workdir: Path, *, resume_step: int = 0):
+    def __init__(self, workdir: Path, *, resume_step: int = 0, settle: bool = True):
+        """`settle=False` appends without mending the file first: for a reader (eval)
+        while a training run appends to the same file, which replacing it would cut off."""
         self.enabled = jax.process_index() == 0
         self.path = Path(workdir) / "metrics.jsonl"
         self._tensorboard = None
         if not self.enabled:
             return
-        self._drop_records_after(resume_step)
+        if settle:
+            self._drop_records_after(resume_step)
         self._file = self.path.open("a")
         self._tensorboard_dir = Path(workdir) / "tensorboard"
 

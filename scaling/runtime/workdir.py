@@ -89,6 +89,22 @@ def run_lock(workdir: Path) -> Iterator[None]:
         os.close(fd)  # closing the last descriptor releases the lock
 
 
+def in_use(workdir: Path) -> bool:
+    """Whether a run holds the workdir's run lock now (a reader then must not rewrite the
+    files that run appends to)."""
+    try:
+        fd = os.open(Path(workdir) / LOCK, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def check_confined(path: Path) -> None:
     """Refuse entries that are symlinks leading out of the workdir."""
     for name in ENTRIES:

@@ -21,6 +21,7 @@ from scaling.data.tokenizer import TOKENIZER_DIR, save_tokenizer
 from scaling.errors import Interrupted, Preempted, TrainingDiverged, UserError
 from scaling.models import lora
 from scaling.runtime import checkpoint, chips, profiling, startup_gc
+from scaling.runtime import workdir as workdir_lib
 from scaling.runtime.metrics import MetricsWriter, Progress, throughput
 from scaling.runtime.preemption import PreemptionWatch
 from scaling.runtime.workdir import write_config
@@ -160,7 +161,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: Path, experi
     with checkpoint.read_only(manager):
         state = checkpoint.restore(manager, run.abstract_state)
     step = int(jax.device_get(state.step))
-    writer = MetricsWriter(workdir, resume_step=2**62)
+    writer = MetricsWriter(workdir, resume_step=2**62, settle=not workdir_lib.in_use(workdir))
     progress = Progress(run.total_steps)
     results = evaluate(run, state.params, dataset)
     _write_eval(writer, progress, step, results)
