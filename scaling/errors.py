@@ -1,8 +1,8 @@
 """Exceptions that end a run with one message and a documented exit code.
 
 `exit_on_error` turns each into a single line on stderr and its exit code (UserError 2,
-TrainingDiverged 3, DoesNotFit 4, CheckpointWriteError 74, Preempted 75, Interrupted and
-Ctrl-C 130), so every module can stop a run without printing or exiting itself.
+TrainingDiverged 3, DoesNotFit 4, CheckpointWriteError and any other OSError 74, Preempted
+75, Interrupted and Ctrl-C 130), so every module can stop a run without printing or exiting itself.
 """
 
 import sys
@@ -59,3 +59,9 @@ def exit_on_error(fn, *args) -> None:
         if not isinstance(e, Preempted):  # its message was printed when it saved
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(next(code for kind, code in EXIT_CODES.items() if isinstance(e, kind)))
+    except OSError as e:  # a file the run writes (or reads) failed under it: disk, permissions
+        where = e.filename or "a file of the run"
+        print(f"error: {where}: {e.strerror or e}; fix the disk or the directory, then re-run "
+              "the same command (committed checkpoints are intact)", file=sys.stderr,
+              flush=True)
+        sys.exit(EXIT_CODES[CheckpointWriteError])

@@ -79,3 +79,56 @@ def test_training_resumes_past_a_torn_metrics_line_and_provenance_keeps_every_st
     starts = [json.loads(line) for line in provenance.read_text().splitlines()]
     assert [s["mode"] for s in starts] == ["train", "train"]
     assert (tmp_path / "provenance.jsonl.torn").read_text() == '{"time": "2026-\n'
+
+
+def test_a_failed_metrics_write_exits_74_naming_the_file(tmp_path, capsys):
+    from scaling.errors import exit_on_error
+    from scaling.runtime.metrics import MetricsWriter
+
+    writer = MetricsWriter(tmp_path)
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    writer._file = FullDisk()
+    with pytest.raises(SystemExit) as exited:
+        exit_on_error(writer.write, 1, "train")
+    assert exited.value.code == 74
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {tmp_path / 'metrics.jsonl'}: No space left on device")
+
+
+SETTLE = """
+import sys
+from scaling.runtime import jsonl
+print("settling", flush=True)
+jsonl.settle(sys.argv[1], lambda r: r["step"] <= 1000)
+"""
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.1, 0.3])
+def test_a_kill_while_settling_leaves_the_history_whole(delay, tmp_path):
+    """SIGKILL a process settling a large log at some moment: afterwards the file is the
+    old one or the settled one, byte for byte, never a part of either."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "metrics.jsonl"
+    original = records(200_000) + b'{"step": 200001, "spl'
+    path.write_bytes(original)
+    process = subprocess.Popen([sys.executable, "-c", SETTLE, str(path)],
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "settling\n"
+    time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert path.read_bytes() in (original, records(1000))

@@ -44,8 +44,11 @@ class MetricsWriter:
             return
         record = {"step": int(step), "split": split, "time": time.time()}
         record.update({k: _plain(v) for k, v in scalars.items()})
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:  # name the file: the exit message (74) says where
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
         if self._tensorboard is None:  # made at the first event: tensorboardX takes 10 ms
             self._tensorboard = _import_summary_writer()(str(self._tensorboard_dir))
         for key, value in scalars.items():
