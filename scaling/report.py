@@ -11,7 +11,6 @@ differ in one setting compare at a glance. Needs matplotlib: `pip install 'scali
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -33,10 +32,10 @@ def load_runs(workdirs: list[str]) -> dict[str, list[dict]]:
         if not path.is_file():
             raise UserError(f"{path}: no such file; pass workdirs of runs that have trained "
                             "(python -m scaling.main --workdir=...)")
-        try:
-            records = read_metrics(Path(workdir))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not JSON lines ({e}); is it a metrics file?") from None
+        records = read_metrics(Path(workdir))  # a torn last line is skipped
+        if not records and path.read_bytes().strip():
+            raise UserError(f"{path}: not JSON lines (no line is a JSON object); is it a "
+                            "metrics file?")
         if not records:
             raise UserError(f"{path}: holds no records yet; let the run log a step first")
         label = name if names.count(name) == 1 else str(workdir)
