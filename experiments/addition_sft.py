@@ -13,8 +13,8 @@ Fine-tuning a pretrained model instead: point --config.data.sft_source at JSON L
 prompt/response pairs (jsonl:PATH/*.jsonl), set the model fields to its architecture and
 pass --config.init_from=DIR (a Hugging Face directory or a workdir).
 
-Hardware: a laptop CPU. Expected: validation exact match above 0.95 after 2000 steps, in about
-4 minutes on a 2-core CPU.
+Hardware: a laptop CPU. Expected: validation exact match above 0.90 after 2000 steps (0.931
+measured, with a response-token accuracy of 0.979), in 4 to 5 minutes on a 2-core CPU.
 """
 
 import ml_collections

@@ -105,24 +105,28 @@ class Mode:
     needs_jax: bool = True       # False: runs before JAX is imported, with no workdir
 
 
+def initial_params_of(config):
+    """`init_from` as the loop takes it: abstract params -> params (None: no source)."""
+    if not config.init_from:
+        return None
+    from scaling.inference import sources
+
+    return lambda abstract_params: sources.initial_params(config.init_from, config,
+                                                          abstract_params)
+
+
 def run_train(config, workdir: Path, experiment) -> None:
     from scaling.training import loop
 
-    initial_params = None
-    if config.init_from:
-        from scaling.interop import hf_checkpoint
-
-        def initial_params(abstract_params):
-            return hf_checkpoint.initial_params(config.init_from, config, abstract_params)
-
     loop.train_and_evaluate(config, workdir, experiment, profile_steps=profiling.parse_steps(
-        FLAGS.profile_steps, FLAGS.mode), initial_params=initial_params)
+        FLAGS.profile_steps, FLAGS.mode), initial_params=initial_params_of(config))
 
 
 def run_eval(config, workdir: Path, experiment) -> None:
     from scaling.training import loop
 
-    for split, values in loop.evaluate_checkpoint(config, workdir, experiment).items():
+    for split, values in loop.evaluate_checkpoint(config, workdir, experiment,
+                                                  initial_params_of(config)).items():
         print(f"{split} {loop.format_metrics(values)}")
 
 
@@ -147,14 +151,14 @@ def run_export(config, workdir: Path, experiment) -> None:
 
 
 def run_import_hf(config, workdir: Path, experiment) -> None:
-    from scaling.interop import hf_checkpoint
+    from scaling.inference import hf_checkpoint
 
     print(hf_checkpoint.import_checkpoint(config, workdir, FLAGS.source, experiment),
           flush=True)
 
 
 def run_export_hf(config, workdir: Path, experiment) -> None:
-    from scaling.interop import hf_checkpoint
+    from scaling.inference import hf_checkpoint
 
     message = hf_checkpoint.export_checkpoint(config, workdir, hf_checkpoint.ExportOptions(
         target=FLAGS.artifact, checkpoint_step=FLAGS.checkpoint_step), experiment)
@@ -280,7 +284,7 @@ def record_start(config, workdir: Path, experiment) -> None:
                "count": jax.device_count(), "processes": jax.process_count()}
     extra = None
     if FLAGS.mode == "import_hf" and FLAGS.source and Path(FLAGS.source, "config.json").is_file():
-        from scaling.interop import hf_checkpoint
+        from scaling.inference import hf_checkpoint
 
         extra = {"import_source": hf_checkpoint.source_record(Path(FLAGS.source))}
     provenance.record(workdir, config, Path(experiment.__file__), FLAGS.mode, devices,

@@ -23,7 +23,8 @@ from conftest import REPO, run_cli
 from test_cli import assert_user_error
 
 from scaling.config import experiments as config_lib
-from scaling.interop import hf_checkpoint, hf_config, safetensors_io
+from scaling.inference import hf_checkpoint, sources
+from scaling.interop import hf_config, safetensors_io
 from scaling.runtime import checkpoint
 
 FIXTURES = REPO / "tests" / "fixtures" / "hf"
@@ -70,7 +71,7 @@ def import_params(config, experiment, source: Path):
     from scaling.inference import restore
 
     spec = restore.model_spec(config, experiment)
-    params, read = hf_checkpoint.read_into(source, config, spec.abstract_params)
+    params, read = sources.read_into(source, config, spec.abstract_params)
     return spec, params, read
 
 
@@ -148,9 +149,8 @@ def test_import_sample_export_and_reimport_round_trip_bitwise(tmp_path, shakespe
     _, original, _ = import_params(config, module, source)
     _, round_trip, _ = import_params(config, module, exported)
     manager = checkpoint.make_manager(workdir, 3)
-    from scaling.inference import restore
 
-    saved = restore.restore_params(manager, 0, jax.eval_shape(lambda: original))
+    saved = checkpoint.restore_params(manager, 0, jax.eval_shape(lambda: original))
     manager.close()
     for a, b, c in zip(jax.tree_util.tree_leaves(original), jax.tree_util.tree_leaves(saved),
                        jax.tree_util.tree_leaves(round_trip), strict=True):
@@ -201,10 +201,10 @@ jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
                            process_id=int(sys.argv[2]))
 from scaling.config import experiments as config_lib
 from scaling.inference import restore
-from scaling.interop import hf_checkpoint
+from scaling.inference import sources
 config, experiment = config_lib.load_config(sys.argv[3], ["mesh.fsdp=8"])
 spec = restore.model_spec(config, experiment)
-params, read = hf_checkpoint.read_into(sys.argv[4], config, spec.abstract_params)
+params, read = sources.read_into(sys.argv[4], config, spec.abstract_params)
 print(json.dumps({"read": read}))
 '''
 
@@ -331,9 +331,8 @@ def test_init_from_starts_training_from_a_checkpoint_and_a_hf_directory(tmp_path
         assert result.returncode == 0, result.stderr[-3000:]
         manager = checkpoint.make_manager(workdir, 3)
         assert manager.all_steps() == [2]
-        from scaling.inference import restore
 
-        tuned = restore.restore_params(manager, 2, jax.eval_shape(lambda: original))
+        tuned = checkpoint.restore_params(manager, 2, jax.eval_shape(lambda: original))
         manager.close()
         for a, b in zip(jax.tree_util.tree_leaves(original), jax.tree_util.tree_leaves(tuned),
                         strict=True):
@@ -353,39 +352,43 @@ def test_init_from_a_workdir_of_another_model_is_refused_path_by_path(tmp_path):
     assert "params/layers/attention/query_bias: absent in the checkpoint" in result.stderr
 
 
-def test_lora_trains_only_the_adapters_and_merges_into_the_same_logits(tmp_path):
-    """Fine-tune the Llama 3.1 fixture with rank-4 adapters: the imported params come out
-    bitwise unchanged, the optimizer holds moments for the adapters alone, and the
-    exported (merged) model gives the adapted model's logits."""
+def test_lora_trains_and_saves_only_the_adapters_and_merges_into_the_same_logits(tmp_path):
+    """Fine-tune the Llama 3.1 fixture with rank-4 adapters: checkpoints hold the adapters
+    alone, the optimizer keeps moments for them alone, the params read back (the adapters on
+    init_from's) hold the imported ones bitwise, and the exported (merged) model gives the
+    adapted model's logits."""
     from scaling.inference import restore
     from scaling.models import lora
 
     experiment = write_experiment(tmp_path, "llama31", learning_rate=1e-2, lora_rank=4)
     workdir = tmp_path / "tuned"
-    result = run_cli(f"--experiment={experiment}", f"--workdir={workdir}",
-                     f"--config.init_from={FIXTURES / 'llama31'}", "--config.num_steps=3")
+    common = (f"--experiment={experiment}", f"--workdir={workdir}",
+              f"--config.init_from={FIXTURES / 'llama31'}")
+    result = run_cli(*common, "--config.num_steps=2")
     assert result.returncode == 0, result.stderr[-3000:]
-    config, module = load(experiment)
+    resumed = run_cli(*common, "--config.num_steps=3")  # the frozen params come back too
+    assert resumed.returncode == 0 and "resumed at step 2" in resumed.stdout, resumed.stderr
+    config, module = load(experiment, f"init_from={FIXTURES / 'llama31'}")
     _, original, _ = import_params(config, module, FIXTURES / "llama31")
-    spec = restore.model_spec(config, module)
     manager = checkpoint.make_manager(workdir, 3)
-    tuned = restore.restore_params(manager, 3, spec.abstract_params)
     state_tree = manager.orbax.item_metadata(3).tree
     manager.close()
+    saved = jax.tree_util.tree_leaves_with_path(state_tree["params"])
+    assert len(saved) == 2 * 7 and all(lora.is_adapter(path) for path, _ in saved)
+    adapter_size = sum(int(np.prod(leaf.shape)) for _, leaf in saved)
+    moments = sum(int(np.prod(leaf.shape))
+                  for leaf in jax.tree_util.tree_leaves(state_tree["opt_state"]))
+    assert moments == 2 * adapter_size + 2  # mu and nu; Adam's and the schedule's counts
+
+    tuned = restore.load(config, workdir, experiment=module).params
     for a, b in zip(jax.tree_util.tree_leaves(original),
                     jax.tree_util.tree_leaves(lora.without_adapters(tuned)), strict=True):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
-    adapters = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tuned)
-                if lora.is_adapter(path)]
-    assert len(adapters) == 2 * 7  # A and B beside q, k, v, o, gate, up and down
     assert np.abs(np.asarray(tuned["layers"]["mlp"]["down_lora_b"])).max() > 0
-    moments = sum(int(np.prod(leaf.shape))
-                  for leaf in jax.tree_util.tree_leaves(state_tree["opt_state"]))
-    adapter_size = sum(int(np.prod(a.shape)) for a in adapters)
-    assert moments == 2 * adapter_size + 2  # mu and nu; Adam's and the schedule's counts
 
     ref, _ = reference("llama31")
     tokens = jnp.asarray([ref["input_ids"]])
+    spec = restore.model_spec(config, module)
     adapted = np.asarray(spec.model.apply({"params": tuned}, tokens))
     base, _ = load(experiment, "model.lora_rank=0")
     base_spec = restore.model_spec(base, module)
@@ -395,10 +398,36 @@ def test_lora_trains_only_the_adapters_and_merges_into_the_same_logits(tmp_path)
     assert np.abs(adapted - np.load(FIXTURES / "llama31" / "logits.npy")).max() > 1e-3
 
     exported = tmp_path / "merged"
-    result = run_cli(f"--experiment={experiment}", "--mode=export_hf", f"--workdir={workdir}",
-                     f"--artifact={exported}")
+    result = run_cli(*common, "--mode=export_hf", f"--artifact={exported}")
     assert result.returncode == 0, result.stderr[-3000:]
     _, reimported, _ = import_params(base, module, exported)
     np.testing.assert_allclose(
         np.asarray(base_spec.model.apply({"params": reimported}, tokens)), adapted,
         rtol=1e-5, atol=1e-5)
+
+
+def test_lora_from_the_seed_evaluates_and_restores_on_the_same_frozen_params(tmp_path):
+    """Without init_from the frozen params are the seed's init: eval and inference make
+    them again, so eval after training reports the loss training reported, and the params
+    inference reads carry the seed's init bitwise."""
+    from scaling.inference import restore
+    from scaling.models import lora
+    from scaling.runtime.metrics import read_metrics
+    from scaling.training import run as run_lib
+
+    experiment = write_experiment(tmp_path, "qwen2", learning_rate=1e-2, lora_rank=2)
+    workdir = tmp_path / "run"
+    assert run_cli(f"--experiment={experiment}", f"--workdir={workdir}").returncode == 0
+    evaluated = run_cli(f"--experiment={experiment}", f"--workdir={workdir}", "--mode=eval")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    losses = [r["loss"] for r in read_metrics(workdir) if r["split"] == "validation"]
+    assert len(losses) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+    config, module = load(experiment)
+    restored = restore.load(config, workdir, experiment=module).params
+    run = run_lib.build_run_from_shapes(config, restore.model_spec(config, module).mesh,
+                                        module)
+    fresh = run.init().params
+    for a, b in zip(jax.tree_util.tree_leaves(lora.without_adapters(fresh)),
+                    jax.tree_util.tree_leaves(lora.without_adapters(restored)), strict=True):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()

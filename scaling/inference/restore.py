@@ -25,7 +25,8 @@ import numpy as np
 
 from scaling.data import element_spec
 from scaling.errors import UserError
-from scaling.models import make_model
+from scaling.inference import sources
+from scaling.models import lora, make_model
 from scaling.runtime import checkpoint
 from scaling.training import mesh as mesh_lib
 from scaling.training.tasks import Task, get_task
@@ -103,38 +104,24 @@ def checkpoint_step(manager: checkpoint.Checkpoints, requested: int | None,
     return requested
 
 
-def restore_params(manager: checkpoint.Checkpoints, step: int, abstract_params) -> Any:
-    """Only the `params` subtree of the checkpoint at `step`, in `abstract_params`' shardings.
+def starting_params(config: ml_collections.ConfigDict, spec: ModelSpec) -> Any:
+    """The params a run started from, without adapters: `init_from`'s, or its seed's init,
+    made again exactly as training made them."""
+    base = lora.without_adapters(spec.abstract_params)
+    if config.init_from:
+        return sources.initial_params(config.init_from, config, base)
+    from scaling.training import run as run_lib  # the optimizer's imports: only needed here
 
-    The comparison is the training restore's own (`checkpoint.check_compatible`), given the
-    checkpoint's other entries as they are saved, so only params can differ and the message
-    names exactly the params that do.
-    """
-    with checkpoint.reading(manager, step):
-        return _restore_params(manager, step, abstract_params)
+    sample = {k: np.zeros((1,) + v.shape, v.dtype) for k, v in element_spec(config).items()}
 
+    def init():
+        params = spec.model.init(run_lib.init_keys(config.seed)[0],
+                                 spec.task.preprocess(sample), train=False)[PARAMS]
+        return lora.without_adapters(nn.meta.unbox(params))
 
-def _restore_params(manager: checkpoint.Checkpoints, step: int, abstract_params) -> Any:
-    import orbax.checkpoint as ocp
-
-    saved = manager.orbax.item_metadata(step).tree
-    if not isinstance(saved, dict) or PARAMS not in saved:
-        raise UserError(f"checkpoint {manager.directory / str(step)} holds no params; train "
-                        "into a new --workdir")
-    checkpoint.check_compatible(manager, step, {**saved, PARAMS: abstract_params})
-    item = {PARAMS: abstract_params}
-    # The training manager reads whole states only; a read-only manager with the PyTree
-    # handler (which wrote the arrays under the standard one) skips every other entry.
-    reader = ocp.CheckpointManager(manager.directory,
-                                   options=ocp.CheckpointManagerOptions(create=False),
-                                   item_handlers=ocp.PyTreeCheckpointHandler())
-    try:
-        restored = reader.restore(step, args=ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-            partial_restore=True))
-    finally:
-        reader.close()
-    return restored[PARAMS]
+    shardings = jax.tree_util.tree_map(lambda leaf: leaf.sharding, base)
+    return mesh_lib.with_mesh_rules(jax.jit(init, out_shardings=shardings), spec.mesh,
+                                    spec.rules)()
 
 
 def load(config: ml_collections.ConfigDict, workdir: Path, requested_step: int | None = None,
@@ -145,10 +132,14 @@ def load(config: ml_collections.ConfigDict, workdir: Path, requested_step: int |
     try:
         step = checkpoint_step(manager, requested_step, workdir)
         spec = model_spec(config, experiment)
+        lora_rank = config.model.get("lora_rank", 0)
+        saved = lora.adapters_only(spec.abstract_params) if lora_rank else spec.abstract_params
         with checkpoint.read_only(manager):
-            params = restore_params(manager, step, spec.abstract_params)
+            params = checkpoint.restore_params(manager, step, saved)
     finally:
         manager.close()
+    if lora_rank:  # the checkpoint holds the adapters: lay them on the params they trained on
+        params = lora.with_adapters(starting_params(config, spec), params)
     return Restored(config=config, mesh=spec.mesh, rules=spec.rules, model=spec.model,
                     task=spec.task, param_shardings=spec.param_shardings, params=params,
                     step=step)

@@ -4,8 +4,10 @@ With `model.lora_rank` > 0 the transformer adds two small params beside each att
 MLP kernel, `NAME_lora_a` (in, r) and `NAME_lora_b` (r, out) (`transformer.lora_delta`).
 Training then updates those alone: the others pass through `stop_gradient`, so XLA never
 computes their weight gradients, and the optimizer keeps no moments for them
-(`optimizer_labels` with optax.multi_transform). Exported models hold the merged kernels,
-W + (alpha/r)·A B, and no adapters.
+(`optimizer_labels` with optax.multi_transform). Checkpoints hold the adapters alone
+(`adapters_only`): the frozen params are the run's starting point, read again from
+`init_from` (or made again from the seed) on resume and for inference. Exported models hold
+the merged kernels, W + (alpha/r)·A B, and no adapters.
 """
 
 from __future__ import annotations
@@ -48,6 +50,28 @@ def without_adapters(params):
         return params
     return {k: without_adapters(v) for k, v in params.items()
             if not k.endswith(LORA_SUFFIXES)}
+
+
+def adapters_only(params):
+    """The adapter leaves alone, in their nesting (what a LoRA run's checkpoints hold)."""
+    if not isinstance(params, dict):
+        return params
+    out = {}
+    for key, value in params.items():
+        if key.endswith(LORA_SUFFIXES):
+            out[key] = value
+        elif isinstance(value, dict):
+            inner = adapters_only(value)
+            if inner:
+                out[key] = inner
+    return out
+
+
+def with_adapters(base, adapters):
+    """`base` params with the `adapters` tree laid over them."""
+    if not isinstance(adapters, dict):
+        return adapters
+    return {**base, **{k: with_adapters(base.get(k, {}), v) for k, v in adapters.items()}}
 
 
 def merged(params, lora_rank: int, lora_alpha: float):

@@ -19,6 +19,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -44,6 +45,8 @@ class Checkpoints:
         self._orbax = None
         self.saving: int | None = None  # the step of the latest save started
         self.failed = False  # a write failure was reported: Orbax re-raises it on every wait
+        # What a save keeps of a state (a LoRA run keeps its adapters alone); None: all of it.
+        self.view: Callable | None = None
 
     @property
     def orbax(self):
@@ -89,6 +92,8 @@ def save(manager: Checkpoints, state, *, force: bool = False) -> None:
     step = int(jax.device_get(state.step))
     if step in manager.all_steps():
         return
+    if manager.view is not None:
+        state = manager.view(state)
     import orbax.checkpoint as ocp
 
     with _write_errors(manager):
@@ -301,3 +306,37 @@ def _describe(spec: tuple[tuple[int, ...], str] | None) -> str:
         return "absent"
     shape, dtype = spec
     return f"{dtype}[{','.join(map(str, shape))}]"
+
+
+def restore_params(manager: Checkpoints, step: int, abstract_params) -> Any:
+    """Only the `params` subtree of the checkpoint at `step`, in `abstract_params`' shardings.
+
+    The comparison is the training restore's own (`checkpoint.check_compatible`), given the
+    checkpoint's other entries as they are saved, so only params can differ and the message
+    names exactly the params that do.
+    """
+    with reading(manager, step):
+        return _restore_params(manager, step, abstract_params)
+
+
+def _restore_params(manager: Checkpoints, step: int, abstract_params) -> Any:
+    import orbax.checkpoint as ocp
+
+    saved = manager.orbax.item_metadata(step).tree
+    if not isinstance(saved, dict) or PARAMS not in saved:
+        raise UserError(f"checkpoint {manager.directory / str(step)} holds no params; train "
+                        "into a new --workdir")
+    check_compatible(manager, step, {**saved, PARAMS: abstract_params})
+    item = {PARAMS: abstract_params}
+    # The training manager reads whole states only; a read-only manager with the PyTree
+    # handler (which wrote the arrays under the standard one) skips every other entry.
+    reader = ocp.CheckpointManager(manager.directory,
+                                   options=ocp.CheckpointManagerOptions(create=False),
+                                   item_handlers=ocp.PyTreeCheckpointHandler())
+    try:
+        restored = reader.restore(step, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True))
+    finally:
+        reader.close()
+    return restored[PARAMS]

@@ -57,12 +57,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, experim
     Path(workdir).mkdir(parents=True, exist_ok=True)
     trace = profiling.StepTrace(profile_steps, workdir, run.total_steps)
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
-    init = run.init
-    if initial_params is not None:
-        def init():  # the source has no LoRA adapters: they start from their init
-            return run.start_from(initial_params(lora.without_adapters(
-                run.abstract_state.params)))
-    state, resumed = checkpoint.restore_or_init(manager, run.abstract_state, init)
+    init = starting_state(run, initial_params)
+    state, resumed = checkpoint.restore_or_init(manager, saved_form(run, manager), init)
+    if resumed and lora_rank(config):  # only the adapters were saved: lay them on the start
+        state = state.replace(params=lora.with_adapters(init().params, state.params))
     if jax.process_index() == 0:  # only once the checkpoint is known to fit this config
         write_config(config, workdir)
         save_for_inference(dataset, workdir)
@@ -94,6 +92,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, experim
     for split, values in results.items():
         progress.message(f"final {split} {format_metrics(values)}")
     return results
+
+
+def lora_rank(config: ml_collections.ConfigDict) -> int:
+    return config.model.get("lora_rank", 0)
+
+
+def starting_state(run: Run, initial_params: Callable[[Any], Any] | None) -> Callable:
+    """A fresh state: from `initial_params` (init_from) when given, else the seed's init.
+    The source has no LoRA adapters, so they always start from their init."""
+    if initial_params is None:
+        return run.init
+    return lambda: run.start_from(initial_params(lora.without_adapters(
+        run.abstract_state.params)))
+
+
+def saved_form(run: Run, manager: checkpoint.Checkpoints):
+    """The abstract state as checkpoints hold it; a LoRA run saves its adapters alone (the
+    frozen params are its starting point, made again on resume)."""
+    if not lora_rank(run.config):
+        return run.abstract_state
+    manager.view = lambda state: state.replace(params=lora.adapters_only(state.params))
+    return manager.view(run.abstract_state)
 
 
 def save_for_inference(dataset, workdir: Path) -> None:
@@ -150,16 +170,21 @@ def _train_loop(run: Run, dataset, state, step: int, manager, logger, writer, pr
     return state, step
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: Path, experiment=None
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: Path, experiment=None,
+                        initial_params: Callable[[Any], Any] | None = None
                         ) -> dict[str, dict[str, float]]:
-    """`--mode=eval`: the latest checkpoint, evaluated on every eval split."""
+    """`--mode=eval`: the latest checkpoint, evaluated on every eval split (a LoRA run's
+    adapters on the params it started from: `initial_params`, as in training)."""
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
     if manager.latest_step() is None:
         raise UserError(f"--workdir={workdir}: no checkpoint to evaluate in "
                         f"{Path(workdir) / 'checkpoints'}; train first with --mode=train")
     run, dataset = setup(config, experiment)
     with checkpoint.read_only(manager):
-        state = checkpoint.restore(manager, run.abstract_state)
+        state = checkpoint.restore(manager, saved_form(run, manager))
+    if lora_rank(config):
+        start = starting_state(run, initial_params)()
+        state = state.replace(params=lora.with_adapters(start.params, state.params))
     step = int(jax.device_get(state.step))
     writer = MetricsWriter(workdir, resume_step=2**62, settle=not workdir_lib.in_use(workdir))
     progress = Progress(run.total_steps)

@@ -104,7 +104,7 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
         """A fresh state; `given` params (init_from) replace the initialised ones they name,
         so only what they lack (LoRA adapters) keeps its init, the rest compiled away."""
         # The key is made inside the compiled init: made eagerly, it costs two more programs.
-        params_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+        params_rng, state_rng = init_keys(config.seed)
         params = model.init(params_rng, task.preprocess(sample), train=False)["params"]
         if given is not None:
             params = _overlay(nn.meta.unbox(params), given)
@@ -166,6 +166,11 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
             jax.jit(evaluate_chunk, in_shardings=(state_shardings.params, chunk_sharding),
                     out_shardings=replicated, compiler_options=xla_options or None),
             mesh, rules))
+
+
+def init_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(params key, state key) of a run: its params at step 0 are `model.init(params key)`."""
+    return tuple(jax.random.split(jax.random.PRNGKey(seed)))
 
 
 def _overlay(params, given):

@@ -5,12 +5,10 @@
   eval, sample and export work on it at once and `init_from` can fine-tune from it.
 - `export_checkpoint` (`--mode=export_hf`): a checkpoint's params as `config.json`, sharded
   safetensors and the run's tokenizer, which `transformers` and serving stacks load.
-- `initial_params` (`init_from`): the params a fresh training run starts from, taken from a
-  Hugging Face directory or from another workdir's latest checkpoint.
 
-Reads go straight into the target shardings (`hf_params.read_params`), so an import never
-needs the whole model in one host's memory; an export gathers one layer of one param at a
-time and streams it to disk.
+An import reads straight into the target shardings (`scaling.inference.sources`), so it
+never needs the whole model in one host's memory; an export gathers one layer of one param at
+a time and streams it to disk.
 """
 
 from __future__ import annotations
@@ -34,7 +32,7 @@ from scaling.data.tokenizer import (
     save_tokenizer,
 )
 from scaling.errors import UserError
-from scaling.inference import restore
+from scaling.inference import restore, sources
 from scaling.interop import hf_config, hf_params, safetensors_io
 from scaling.models import lora
 from scaling.runtime import checkpoint
@@ -42,30 +40,6 @@ from scaling.runtime.workdir import write_config
 
 TOKENIZER_FILE = "tokenizer.json"  # a Hugging Face directory's tokenizer
 DEFAULT_SHARD_BYTES = 4 << 30
-
-
-def _require_transformer(config: ml_collections.ConfigDict, what: str) -> None:
-    if config.model.get("name") != "transformer":
-        raise UserError(f"{what} needs a transformer language model; {config.experiment} "
-                        f"uses model {config.model.get('name')}")
-
-
-def read_into(directory: Path, config: ml_collections.ConfigDict,
-              abstract_params) -> tuple[dict, int]:
-    """The params of a Hugging Face directory in `abstract_params`' shardings, after checking
-    its architecture against the config; and the bytes this process read."""
-    directory = Path(directory)
-    hf = hf_config.read(directory)
-    fields = hf_config.model_fields(hf, directory / hf_config.CONFIG_FILE)
-    hf_config.check_matches(config.model, fields, directory / hf_config.CONFIG_FILE)
-    files = safetensors_io.TensorFiles(directory)
-    try:
-        hf_params.check_tensors(files, config.model, fields["vocab_size"], directory)
-        params = hf_params.read_params(files, config.model, abstract_params)
-        jax.block_until_ready(params)
-        return params, files.bytes_read
-    finally:
-        files.close()
 
 
 def source_record(directory: Path) -> dict:
@@ -83,14 +57,14 @@ def import_checkpoint(config: ml_collections.ConfigDict, workdir: Path, source: 
     """`--mode=import_hf`: a Hugging Face directory into this (new) workdir's checkpoints."""
     if not source:
         raise UserError("--mode=import_hf needs --source=DIR, a Hugging Face model directory")
-    _require_transformer(config, "--mode=import_hf")
+    sources.require_transformer(config, "--mode=import_hf")
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
     if manager.all_steps():
         raise UserError(f"--workdir={workdir}: already holds checkpoints; import into a new "
                         "--workdir")
     directory = Path(source)
     spec = restore.model_spec(config, experiment)
-    params, _ = read_into(directory, config, spec.abstract_params)
+    params, _ = sources.read_into(directory, config, spec.abstract_params)
     tokenizer_path = directory / TOKENIZER_FILE
     tokenizer = HuggingFaceTokenizer(str(tokenizer_path)) if tokenizer_path.is_file() else None
     if tokenizer is not None and tokenizer.vocab_size > config.model.vocab_size:
@@ -107,24 +81,6 @@ def import_checkpoint(config: ml_collections.ConfigDict, workdir: Path, source: 
     count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
     return (f"imported {count:,} params from {directory} into {manager.directory / '0'}"
             + ("" if tokenizer else f" (no {TOKENIZER_FILE} there, so no tokenizer)"))
-
-
-def initial_params(source: str, config: ml_collections.ConfigDict, abstract_params) -> dict:
-    """`init_from`: params for a fresh run from a Hugging Face directory (it has a
-    config.json) or from one of our workdirs (its latest checkpoint), in the run's shardings.
-    A mismatch is refused path by path, as a restore is."""
-    path = Path(source)
-    if (path / hf_config.CONFIG_FILE).is_file() and any(path.glob("*.safetensors")):
-        _require_transformer(config, "--config.init_from with a Hugging Face directory")
-        return read_into(path, config, abstract_params)[0]
-    if not checkpoint.committed_steps(path / "checkpoints"):
-        raise UserError(f"--config.init_from={source}: neither a Hugging Face model directory "
-                        "(config.json and *.safetensors) nor a workdir with checkpoints")
-    manager = checkpoint.make_manager(path, keep=1_000_000)
-    try:
-        return restore.restore_params(manager, manager.latest_step(), abstract_params)
-    finally:
-        manager.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +107,7 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: Path,
                       options: ExportOptions, experiment=None) -> str:
     """`--mode=export_hf`: a checkpoint's params as a Hugging Face directory. It is staged
     beside the target and renamed into place when whole; an existing target is refused."""
-    _require_transformer(config, "--mode=export_hf")
+    sources.require_transformer(config, "--mode=export_hf")
     target = Path(options.target) if options.target else Path(workdir) / "hf"
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UserError(f"--artifact={target}: already exists; choose a new directory")
