@@ -40,8 +40,7 @@ def one_device_losses(tmp_path_factory, shakespeare_dir):
 
 # The query kernel is (layers=2, embed=32, heads=8, kv=8), named so that embed goes to fsdp
 # and heads to tensor; each mesh must leave this much of it on one device.
-MESHES = {
-    "data=8": (["mesh.data=8"], (2, 32, 8, 8)),
+MESHES = {  # data parallelism alone is the MLP's and the multi-process tests' mesh
     "fsdp=8": (["mesh.data=1", "mesh.fsdp=8"], (2, 4, 8, 8)),
     "tensor=4,data=2": (["mesh.data=2", "mesh.tensor=4"], (2, 32, 2, 8)),
     "data=2,fsdp=2,tensor=2": (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], (2, 16, 4, 8)),

@@ -71,12 +71,13 @@ def test_exact_match_counts_pairs_whose_every_response_token_is_the_argmax():
 
 def test_addition_experiment_learns_from_its_generated_pairs(tmp_path):
     result = run_cli("--experiment=addition_sft", f"--workdir={tmp_path}",
-                     "--config.num_steps=200", "--config.eval_every_steps=200",
+                     "--config.num_steps=120", "--config.eval_every_steps=120",
+                     "--config.batch_size=16", "--config.optimizer.warmup_steps=20",
                      "--config.data.synthetic_examples=4000")
     assert result.returncode == 0, result.stderr[-3000:]
     evals = [r for r in read_metrics(tmp_path) if r["split"] == "validation"]
     # Untrained: a loss of ln 16 = 2.8 and a token accuracy near 0.1.
-    assert evals[-1]["loss"] < 1.4 and evals[-1]["accuracy"] > 0.45
+    assert evals[-1]["loss"] < 1.8 and evals[-1]["accuracy"] > 0.3, evals[-1]
     assert 0 <= evals[-1]["exact_match"] <= 1 and evals[-1]["num_pairs"] > 100
     sample = run_cli("--experiment=addition_sft", f"--workdir={tmp_path}", "--mode=sample",
                      "--prompt=12+34=", "--temperature=0")

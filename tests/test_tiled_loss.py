@@ -92,10 +92,12 @@ def test_a_language_model_trains_and_evaluates_alike_with_the_tiled_loss(tie):
     for model in (dense_model, tiled_model):
         objective = functools.partial(steps.objective, model=model, task=LANGUAGE_MODELING,
                                       l2=0.0)
-        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, batch, rng)
-        sums = steps.eval_step(params, {**batch, "weights": jnp.ones((2, 16)),
-                                        "mask": jnp.array([True, False])},
-                               model=model, task=LANGUAGE_MODELING)
+        (loss, aux), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(
+            params, batch, rng)
+        evaluate = jax.jit(functools.partial(steps.eval_step, model=model,
+                                             task=LANGUAGE_MODELING))
+        sums = evaluate(params, {**batch, "weights": jnp.ones((2, 16)),
+                                 "mask": jnp.array([True, False])})
         results.append((loss, aux["accuracy"], grads, sums))
     (loss, accuracy, grads, sums), (tiled_loss, tiled_accuracy, tiled_grads, tiled_sums) = results
     np.testing.assert_allclose(tiled_loss, loss, rtol=1e-5)
