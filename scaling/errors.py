@@ -5,6 +5,7 @@ TrainingDiverged 3, DoesNotFit 4, CheckpointWriteError and any other OSError 74,
 75, Interrupted and Ctrl-C 130), so every module can stop a run without printing or exiting itself.
 """
 
+import os
 import sys
 
 
@@ -55,6 +56,9 @@ def exit_on_error(fn, *args) -> None:
         print("error: interrupted (Ctrl-C); nothing was saved since the last checkpoint",
               file=sys.stderr, flush=True)
         sys.exit(EXIT_CODES[Interrupted])
+    except CheckpointWriteError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        _exit_now(EXIT_CODES[CheckpointWriteError])
     except tuple(EXIT_CODES) as e:
         if not isinstance(e, Preempted):  # its message was printed when it saved
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -64,4 +68,15 @@ def exit_on_error(fn, *args) -> None:
         print(f"error: {where}: {e.strerror or e}; fix the disk or the directory, then re-run "
               "the same command (committed checkpoints are intact)", file=sys.stderr,
               flush=True)
-        sys.exit(EXIT_CODES[CheckpointWriteError])
+        _exit_now(EXIT_CODES[CheckpointWriteError])
+
+
+def _exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown. After a failed write, the checkpoint
+    library's writer threads still hold the failure: joining them at exit can wait, and each
+    prints a traceback of its own once the event loop it reports to is closed. Committed
+    checkpoints are intact and a staged one is removed at the next start, so nothing is
+    lost by skipping it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

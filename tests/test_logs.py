@@ -81,9 +81,14 @@ def test_training_resumes_past_a_torn_metrics_line_and_provenance_keeps_every_st
     assert (tmp_path / "provenance.jsonl.torn").read_text() == '{"time": "2026-\n'
 
 
-def test_a_failed_metrics_write_exits_74_naming_the_file(tmp_path, capsys):
+def test_a_failed_metrics_write_exits_74_naming_the_file(tmp_path, capsys, monkeypatch):
     from scaling.errors import exit_on_error
     from scaling.runtime.metrics import MetricsWriter
+
+    def leave(code):  # exit_on_error skips teardown with os._exit, which would end pytest
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", leave)
 
     writer = MetricsWriter(tmp_path)
 
