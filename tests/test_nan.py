@@ -64,6 +64,17 @@ def test_abort_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, poiso
                    if p.name.isdigit())
     assert all(step < bad_step for step in saved)
     assert saved == [s for s in (2, 4, 6, 8) if s < bad_step][-3:]
+    assert (f"The checkpoint of step {saved[-1]} holds the last good state" if saved
+            else "No checkpoint exists yet, so a re-run starts over") in result.stderr
+
+
+def test_a_divergence_before_any_checkpoint_says_none_exists(tmp_path, poisoned):
+    experiment, data_dir, bad_step = poisoned
+    result = run_cli(f"--experiment={experiment}", f"--workdir={tmp_path / 'run'}",
+                     f"--config.data.manual_dir={data_dir}", *[f"--config.{a}" for a in ARGS],
+                     "--config.checkpoint_every_steps=1000")
+    assert result.returncode == 3, result.stderr
+    assert "No checkpoint exists yet, so a re-run starts over" in result.stderr
 
 
 def test_skip_leaves_params_and_optimizer_state_unchanged(tmp_path, poisoned):

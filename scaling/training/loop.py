@@ -73,7 +73,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, experim
         f"{run.total_steps} steps of batch {config.batch_size}"
         + (f"; resumed at step {step}" if resumed else ""))
     loader = make_train_loader(run, dataset, step)
-    logger = _StepLogger(writer, progress, run, config, loader)
+    logger = _StepLogger(writer, progress, run, config, loader, manager)
     trace.resume(step, progress.message)
 
     watch = PreemptionWatch()
@@ -215,8 +215,10 @@ def _write_eval(writer: MetricsWriter, progress: Progress, step: int, results: d
 class _StepLogger:
     """Turns per-step metric arrays into windowed log records and the progress line."""
 
-    def __init__(self, writer: MetricsWriter, progress: Progress, run: Run, config, loader):
+    def __init__(self, writer: MetricsWriter, progress: Progress, run: Run, config, loader,
+                 manager: checkpoint.Checkpoints):
         self.writer, self.progress, self.run, self.loader = writer, progress, run, loader
+        self.manager = manager
         self.every = config.log_every_steps
         self.batch_size = config.batch_size
         chip = chips.chip_for(run.mesh.devices.flat[0].device_kind)
@@ -235,11 +237,14 @@ class _StepLogger:
             values = {k: float(v[i]) for k, v in metrics.items()}
             if not (np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"])) and \
                     "skipped" not in values:
+                saved = self.manager.saving or self.manager.latest_step()
+                kept = (f"The checkpoint of step {saved} holds the last good state" if saved
+                        else "No checkpoint exists yet, so a re-run starts over")
                 raise TrainingDiverged(
                     f"step {first_step + i + 1}: the loss ({values['loss']}) or gradient norm "
-                    f"({values['grad_norm']}) is not finite; stopped without saving it. The "
-                    "latest checkpoint holds the last good state; lower the learning rate, "
-                    "clip gradients, or set --config.nan_policy=skip to skip such steps")
+                    f"({values['grad_norm']}) is not finite; stopped without saving it. "
+                    f"{kept}; lower the learning rate, clip gradients, or set "
+                    "--config.nan_policy=skip to skip such steps")
             self.window.append(values)
             self.window_seconds += seconds_per_step
             step = first_step + i + 1
