@@ -67,6 +67,16 @@ def packed_logits(config: TransformerConfig, params, batch) -> jax.Array:
                                      segment_ids_BL=batch["segment_ids"])
 
 
+# Documents alone are right-padded to one length, so one program serves them all: causal
+# attention keeps the padding out of every real position's logits, and a zero cotangent on
+# the padding keeps it out of the gradients.
+ALONE = max(max(lengths) for lengths in DOCUMENT_LENGTHS)
+
+
+def padded(array: np.ndarray) -> np.ndarray:
+    return np.pad(array, [(0, ALONE - len(array))] + [(0, 0)] * (np.ndim(array) - 1))
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def alone_logits(config: TransformerConfig, params, document: jax.Array) -> jax.Array:
     """One document as its own batch of one: no segments, rotary positions from 0."""
@@ -92,8 +102,8 @@ def test_each_packed_document_has_the_logits_it_has_alone(name):
     logits_BLV = jax.jit(packed_logits, static_argnums=0)(config, params, batch)
     for row in range(len(DOCUMENT_LENGTHS)):
         for doc, where in zip(documents(row), document_slices(row), strict=True):
-            np.testing.assert_allclose(logits_BLV[row, where], alone_logits(config, params, doc),
-                                       rtol=1e-5, atol=1e-5)
+            alone = alone_logits(config, params, padded(doc))[:len(doc)]
+            np.testing.assert_allclose(logits_BLV[row, where], alone, rtol=1e-5, atol=1e-5)
     # Without the masks the later documents would see the earlier ones.
     unmasked_BLV = Transformer(config).apply({"params": params}, batch["tokens"],
                                              positions_BL=batch["positions"])
@@ -117,7 +127,8 @@ def test_packed_gradients_are_the_sum_of_each_documents_gradients(name):
     total = jax.tree.map(jnp.zeros_like, params)
     for row in range(len(DOCUMENT_LENGTHS)):
         for doc, where in zip(documents(row), document_slices(row), strict=True):
-            grads = alone_grads(config, params, doc, cotangent_BLV[row, where])
+            grads = alone_grads(config, params, padded(doc),
+                                padded(np.asarray(cotangent_BLV[row, where])))
             total = jax.tree.map(jnp.add, total, grads)
     # Gradients reach ~25 here, summed over six documents: float32 rounding is ~1e-5.
     jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4),
@@ -161,9 +172,9 @@ def test_both_attention_forms_agree_on_outputs_and_gradients_with_segments():
     mask_BLS = segment_mask(jnp.array([[1, 1, 2, 2, 2, 0, 0], [1, 1, 1, 1, 2, 3, 3]]))
 
     def value_and_grads(attention):
-        return jax.value_and_grad(
+        return jax.jit(jax.value_and_grad(
             lambda q, k, v: jnp.sum(attention(q, k, v, mask_BLS) * cotangent_BLHDh),
-            argnums=(0, 1, 2))(q_BLHDh, k_BLKDh, v_BLKDh)
+            argnums=(0, 1, 2)))(q_BLHDh, k_BLKDh, v_BLKDh)
 
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5),
                  value_and_grads(cpu_attention.batched_matmul_attention),
@@ -184,11 +195,12 @@ def test_padding_gives_finite_logits_and_gradients(name):
     config = CONFIGS[name]
     params = init_params(config)
     batch = packed_batch()
-    logits_BLV = packed_logits(config, params, batch)
+    logits_BLV = jax.jit(packed_logits, static_argnums=0)(config, params, batch)
     assert bool(jnp.all(jnp.isfinite(logits_BLV[:, -PADDING:])))
     # A row of padding only: every query sees nothing but itself.
     padding = {key: jnp.zeros((1, 6), jnp.int32) for key in batch}
-    grads = jax.grad(lambda p: jnp.sum(packed_logits(config, p, padding) ** 2))(params)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(packed_logits(config, p, padding) ** 2)))(
+        params)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
@@ -205,7 +217,7 @@ def document_losses(config: TransformerConfig, params) -> list[tuple[int, float]
     out = []
     for row in range(len(DOCUMENT_LENGTHS)):
         for doc in documents(row):
-            logits = alone_logits(config, params, doc[:-1])
+            logits = alone_logits(config, params, padded(doc[:-1]))[:len(doc) - 1]
             losses = optax.softmax_cross_entropy_with_integer_labels(logits, doc[1:])
             out.append((len(doc) - 1, float(jnp.mean(losses))))
     return out
@@ -222,14 +234,16 @@ def test_task_loss_is_the_token_weighted_mean_of_document_losses(name):
     assert count == 2 * 16 - 6  # each document's first token is no target
     want = sum(n * loss for n, loss in per_document) / count
 
-    loss, _ = steps.objective(params, batch, jax.random.key(0), model=model,
-                              task=LANGUAGE_MODELING, l2=0.0)
+    objective = jax.jit(functools.partial(steps.objective, model=model,
+                                          task=LANGUAGE_MODELING, l2=0.0))
+    loss, _ = objective(params, batch, jax.random.key(0))
     np.testing.assert_allclose(loss, want, rtol=1e-5)
 
     # Evaluation: the same sums, times the existing weights and example mask.
     eval_batch = {**batch, "weights": jnp.ones(batch["tokens"][:, 1:].shape),
                   "mask": jnp.array([1.0, 0.0])}
-    sums = steps.eval_step(params, eval_batch, model=model, task=LANGUAGE_MODELING)
+    evaluate = jax.jit(functools.partial(steps.eval_step, model=model, task=LANGUAGE_MODELING))
+    sums = evaluate(params, eval_batch)
     first_row = per_document[:len(DOCUMENT_LENGTHS[0])]
     assert float(sums["count"]) == sum(n for n, _ in first_row) == 13
     np.testing.assert_allclose(sums["loss_sum"], sum(n * loss for n, loss in first_row),

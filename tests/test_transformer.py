@@ -177,8 +177,8 @@ def test_attention_and_its_gradients_match_a_per_head_reference(num_kv_heads, at
     params = nn.meta.unbox(module.init(jax.random.key(4), x_BLD, None)["params"])
 
     def weighted(apply):
-        return jax.value_and_grad(lambda p, x: jnp.sum(apply(p, x) * cotangent_BLD),
-                                  argnums=(0, 1))(params, x_BLD)
+        return jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(apply(p, x) * cotangent_BLD),
+                                          argnums=(0, 1)))(params, x_BLD)
 
     got = weighted(lambda p, x: module.apply({"params": p}, x, None))
     want = weighted(lambda p, x: per_head_attention(config, p, x))
