@@ -139,7 +139,7 @@ def load(config: ml_collections.ConfigDict, workdir: Path, requested_step: int |
     finally:
         manager.close()
     if lora_rank:  # the checkpoint holds the adapters: lay them on the params they trained on
-        params = lora.with_adapters(starting_params(config, spec), params)
+        params = lora.overlay(starting_params(config, spec), params)
     return Restored(config=config, mesh=spec.mesh, rules=spec.rules, model=spec.model,
                     task=spec.task, param_shardings=spec.param_shardings, params=params,
                     step=step)

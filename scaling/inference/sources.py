@@ -31,7 +31,8 @@ def read_into(directory: Path, config: ml_collections.ConfigDict,
     hf_config.check_matches(config.model, fields, directory / hf_config.CONFIG_FILE)
     files = safetensors_io.TensorFiles(directory)
     try:
-        hf_params.check_tensors(files, config.model, fields["vocab_size"], directory)
+        hf_params.check_tensors(files, config.model, abstract_params,
+                                 fields["vocab_size"], directory)
         params = hf_params.read_params(files, config.model, abstract_params)
         jax.block_until_ready(params)
         return params, files.bytes_read

@@ -127,27 +127,18 @@ def _read_block(files: TensorFiles, name: str, layout: str, index: tuple[slice, 
     return flat.reshape(len(n), head_dim)[:, e.start:e.stop]
 
 
-def check_tensors(files: TensorFiles, model_config, hf_vocab: int, directory) -> None:
-    """Every tensor the model needs is present with the shape its config implies; none is
-    left over (a left-over tensor is a feature of the architecture we would drop)."""
-    m = model_config
-    ours = {"embedding": (hf_vocab, m.embed_dim), "final_norm/scale": (m.embed_dim,),
-            "output": (m.embed_dim, hf_vocab),
-            "layers/attention_norm/scale": (m.embed_dim,), "layers/mlp_norm/scale": (m.embed_dim,),
-            "layers/attention/query": (m.embed_dim, m.num_heads, m.head_dim),
-            "layers/attention/key": (m.embed_dim, m.num_kv_heads, m.head_dim),
-            "layers/attention/value": (m.embed_dim, m.num_kv_heads, m.head_dim),
-            "layers/attention/out": (m.num_heads, m.head_dim, m.embed_dim),
-            "layers/mlp/gate": (m.embed_dim, m.mlp_dim), "layers/mlp/up": (m.embed_dim, m.mlp_dim),
-            "layers/mlp/down": (m.mlp_dim, m.embed_dim),
-            "layers/attention/query_bias": (m.num_heads, m.head_dim),
-            "layers/attention/key_bias": (m.num_kv_heads, m.head_dim),
-            "layers/attention/value_bias": (m.num_kv_heads, m.head_dim)}
+def check_tensors(files: TensorFiles, model_config, abstract_params, hf_vocab: int,
+                  directory) -> None:
+    """Every tensor the model needs is present with the shape our params imply (with the
+    checkpoint's own vocabulary, which ours may pad); none is left over (a left-over tensor
+    is a feature of the architecture we would drop)."""
     expected = {}
-    for row in mapping(m):
-        shape = hf_shape(row.layout, ours["/".join(row.path)])
-        for i in range(m.num_layers) if row.layered else [None]:
-            expected[row.name.format(i=i)] = shape
+    for row in mapping(model_config):
+        shape = list(leaf_at(abstract_params, row.path).shape[1 if row.layered else 0:])
+        if row.path in (("embedding",), ("output",)):
+            shape[0 if row.path == ("embedding",) else 1] = hf_vocab
+        for i in range(model_config.num_layers) if row.layered else [None]:
+            expected[row.name.format(i=i)] = hf_shape(row.layout, tuple(shape))
     present = files.names()
     for name, shape in expected.items():
         if name not in present:

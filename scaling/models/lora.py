@@ -67,11 +67,12 @@ def adapters_only(params):
     return out
 
 
-def with_adapters(base, adapters):
-    """`base` params with the `adapters` tree laid over them."""
-    if not isinstance(adapters, dict):
-        return adapters
-    return {**base, **{k: with_adapters(base.get(k, {}), v) for k, v in adapters.items()}}
+def overlay(params, given):
+    """`params` with every leaf of `given` (a tree of the same nesting) laid over them: the
+    adapters over the frozen params, or init_from's params over a fresh init."""
+    if not isinstance(given, dict):
+        return given
+    return {**params, **{k: overlay(params.get(k, {}), v) for k, v in given.items()}}
 
 
 def merged(params, lora_rank: int, lora_alpha: float):

@@ -115,9 +115,9 @@ def save_params(manager: Checkpoints, params, step: int = 0) -> None:
 PARAMS = "params"  # the entry of a saved state that holds the weights
 
 
-def holds_params_only(manager: Checkpoints, step: int) -> bool:
-    tree = manager.orbax.item_metadata(step).tree
-    return isinstance(tree, dict) and set(tree) == {PARAMS}
+def saved_tree(manager: Checkpoints, step: int):
+    """The checkpoint's metadata tree (shapes and dtypes of every saved array)."""
+    return manager.orbax.item_metadata(step).tree
 
 
 def wait(manager: Checkpoints) -> None:
@@ -194,12 +194,13 @@ def restore(manager: Checkpoints, abstract_state, step: int | None = None):
         raise UserError(f"no checkpoint for step {step} in {manager.directory}; "
                         f"available: {', '.join(map(str, manager.all_steps())) or 'none'}")
     with reading(manager, step):
-        if holds_params_only(manager, step):
+        saved = saved_tree(manager, step)
+        if isinstance(saved, dict) and set(saved) == {PARAMS}:
             workdir = manager.directory.parent
             raise UserError(f"checkpoint {manager.directory / str(step)} holds params only (an "
                             "imported model), no optimizer state to resume; fine-tune in a new "
                             f"--workdir with --config.init_from={workdir}")
-        check_compatible(manager, step, abstract_state)
+        check_compatible(manager, step, abstract_state, saved)
         return manager.orbax.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
 
@@ -262,9 +263,10 @@ def restore_or_init(manager: Checkpoints, abstract_state,
                     "step 0, or put an intact copy back")
 
 
-def check_compatible(manager: Checkpoints, step: int, abstract_state) -> None:
-    """Refuse a checkpoint whose paths, shapes or dtypes differ from this run's state."""
-    saved = _leaf_specs(manager.orbax.item_metadata(step).tree)
+def check_compatible(manager: Checkpoints, step: int, abstract_state, saved=None) -> None:
+    """Refuse a checkpoint whose paths, shapes or dtypes differ from this run's state
+    (`saved`: its metadata tree, when the caller has read it already)."""
+    saved = _leaf_specs(saved_tree(manager, step) if saved is None else saved)
     expected = _leaf_specs(abstract_state)
     mismatches = [f"{path}: {_describe(saved.get(path))} in the checkpoint, "
                   f"{_describe(expected.get(path))} in this config"
@@ -322,11 +324,11 @@ def restore_params(manager: Checkpoints, step: int, abstract_params) -> Any:
 def _restore_params(manager: Checkpoints, step: int, abstract_params) -> Any:
     import orbax.checkpoint as ocp
 
-    saved = manager.orbax.item_metadata(step).tree
+    saved = saved_tree(manager, step)
     if not isinstance(saved, dict) or PARAMS not in saved:
         raise UserError(f"checkpoint {manager.directory / str(step)} holds no params; train "
                         "into a new --workdir")
-    check_compatible(manager, step, {**saved, PARAMS: abstract_params})
+    check_compatible(manager, step, {**saved, PARAMS: abstract_params}, saved)
     item = {PARAMS: abstract_params}
     # The training manager reads whole states only; a read-only manager with the PyTree
     # handler (which wrote the arrays under the standard one) skips every other entry.

@@ -79,7 +79,10 @@ class LimitedConnection(web_protocol.RequestHandler):
     def handle_error(self, request, status: int = 500, exc=None, message=None):
         if request.writer.output_size > 0:
             return super().handle_error(request, status, exc, message)
-        phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:  # a status the standard library does not name
+            phrase = ""
         detail = message or (str(exc) if exc is not None else "") or phrase
         response = web.Response(status=status, content_type="application/json",
                                 text=json.dumps({"error": f"{phrase}: {detail}".strip(": ")}))

@@ -60,7 +60,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, experim
     init = starting_state(run, initial_params)
     state, resumed = checkpoint.restore_or_init(manager, saved_form(run, manager), init)
     if resumed and lora_rank(config):  # only the adapters were saved: lay them on the start
-        state = state.replace(params=lora.with_adapters(init().params, state.params))
+        state = state.replace(params=lora.overlay(init().params, state.params))
     if jax.process_index() == 0:  # only once the checkpoint is known to fit this config
         write_config(config, workdir)
         save_for_inference(dataset, workdir)
@@ -184,7 +184,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: Path, experi
         state = checkpoint.restore(manager, saved_form(run, manager))
     if lora_rank(config):
         start = starting_state(run, initial_params)()
-        state = state.replace(params=lora.with_adapters(start.params, state.params))
+        state = state.replace(params=lora.overlay(start.params, state.params))
     step = int(jax.device_get(state.step))
     writer = MetricsWriter(workdir, resume_step=2**62, settle=not workdir_lib.in_use(workdir))
     progress = Progress(run.total_steps)

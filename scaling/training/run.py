@@ -107,7 +107,7 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
         params_rng, state_rng = init_keys(config.seed)
         params = model.init(params_rng, task.preprocess(sample), train=False)["params"]
         if given is not None:
-            params = _overlay(nn.meta.unbox(params), given)
+            params = lora.overlay(nn.meta.unbox(params), given)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), rng=state_rng)
 
@@ -171,13 +171,6 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
 def init_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     """(params key, state key) of a run: its params at step 0 are `model.init(params key)`."""
     return tuple(jax.random.split(jax.random.PRNGKey(seed)))
-
-
-def _overlay(params, given):
-    """`params` with every leaf that `given` (a subtree of the same nesting) holds replaced."""
-    if not isinstance(given, dict):
-        return given
-    return {k: _overlay(v, given[k]) if k in given else v for k, v in params.items()}
 
 
 def lower_train_step(run: Run, steps_per_call: int = 1) -> jax.stages.Lowered:
