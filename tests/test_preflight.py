@@ -172,6 +172,9 @@ def test_preflight_for_a_tpu_slice_reports_memory_flops_and_time():
     state = run_lib.build_run_from_shapes(config, mesh, module).abstract_state
     assert memory["arguments"] >= state_summary.bytes_per_device(state) > 0
     assert memory["peak"] < target.chip.hbm_bytes and report["fits"] is True
+    # XLA's own count of the bytes in use at once, beside the allocations added whole.
+    assert memory["live_at_once"] > 0
+    assert "live at once" in step_report.format_report(report)
     flops = report["flops_per_device"]
     assert flops["compiled_matmuls"] == pytest.approx(flops["model"], rel=0.01)
     assert step_report.agrees(report["collective_groups"]["measured"],

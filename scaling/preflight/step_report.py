@@ -88,6 +88,12 @@ def memory_per_device(compiled) -> dict[str, float]:
     }
     memory["peak"] = (memory["arguments"] + memory["outputs"] - memory["aliased"]
                       + memory["temporaries"] + memory["generated_code"])
+    # The most bytes in use at one point of the schedule, by XLA's own reckoning. The peak
+    # above adds every allocation whole; some libtpu releases report temporaries beyond
+    # their own buffer assignment, which shows as a gap between the two.
+    live = getattr(stats, "peak_memory_in_bytes", 0)
+    if live:
+        memory["live_at_once"] = live
     return {k: float(v) for k, v in memory.items()}
 
 
@@ -228,14 +234,15 @@ def _row(label: str, value: str, note: str = "") -> str:
 
 
 MEMORY_NOTES = {"aliased": "(donated: counted once)", "state": "(params and optimizer)",
-                "usable_hbm": "(what XLA may use)"}
+                "usable_hbm": "(what XLA may use)",
+                "live_at_once": "(XLA's own estimate of the most in use at once)"}
 
 
 def _memory_lines(report: dict) -> list[str]:
     memory, chip = report["memory_per_device"], report["chip"]
     lines = ["memory per device (XLA's buffer assignment)"]
     for key, value in memory.items():
-        if key != "peak":
+        if key not in ("peak", "live_at_once"):
             lines.append(_row(key.replace("_", " "), format_bytes(value),
                               MEMORY_NOTES.get(key, "")))
     if chip:
@@ -245,6 +252,9 @@ def _memory_lines(report: dict) -> list[str]:
                    else f"{format_bytes(memory['peak'] - hbm)} over"))
     else:
         note = "(unknown chip: no HBM to compare with)"
+    if "live_at_once" in memory:
+        lines.append(_row("live at once", format_bytes(memory["live_at_once"]),
+                          MEMORY_NOTES["live_at_once"]))
     return lines + [_row("peak", format_bytes(memory["peak"]), note)]
 
 
