@@ -16,10 +16,10 @@ and a global batch of 512 sequences of 4096 tokens (2M tokens a step) in 4 micro
 or 8 nodes of 8 H100/H200 with the same mesh. Params and AdamW state: 89.8 GiB in all,
 1.4 GiB a chip. `--mode=preflight --topology=v5p-128` compiles the step for that slice on a
 CPU, with the splash attention kernel, the tiled loss and the residual stream split over
-tensor: a peak of 7.2 GiB a chip of the 95 GiB with jax 0.12 (10.5 GiB as libtpu 0.0.42.1,
-jax 0.10.2's, reports it; XLA's "live at once" is 7.0 GiB under both); the same with einsum
+tensor: a peak of 7.2 GiB a chip of the 95 GiB with libtpu 0.0.52 (10.5 GiB as older libtpu
+releases report it; XLA's "live at once" is 7.0 GiB under each); the same with einsum
 attention in blocks of 1024 queries; with the whole batch in one pass
-(--config.grad_accum_steps=1) 20.3 GiB (29.8 GiB with jax 0.10.2).
+(--config.grad_accum_steps=1) 20.3 GiB (29.8 GiB with libtpu 0.0.42.1).
 `lm_8b_32k` is the same model on sequences of 32,768 tokens (context parallelism).
 Data: TFDS `c4/en` (365M web documents), tokenized once by --mode=prepare into sharded
 ArrayRecord files on a filesystem every host mounts (NFS, GCSFuse),

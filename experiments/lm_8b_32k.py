@@ -10,8 +10,8 @@ context together, as MaxText does.
 
     python -m scaling.main --experiment=lm_8b_32k --mode=preflight --topology=v5p-128
 
-compiles the step on a CPU to a peak of 7.7 GiB a chip of the 95 GiB with jax 0.12 (10.7 GiB
-as jax 0.10.2's libtpu reports it), an estimated 8.2-8.3 s a step and an MFU bound of 83-84%
+compiles the step on a CPU to a peak of 7.7 GiB a chip of the 95 GiB with libtpu 0.0.52
+(10.7 GiB as libtpu 0.0.42.1 reports it), an estimated 8.2-8.3 s a step and an MFU bound of 83-84%
 (attention is half of the FLOPs at this length). Data and
 commands are those of `lm_8b`; documents longer than 4,096 tokens are what this length is for.
 RoPE keeps lm_8b's base of 500,000 (no scaling); raise it for longer contexts.
