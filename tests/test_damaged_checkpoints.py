@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import run_cli
 from test_cli import assert_user_error
-from test_reliability import tiny_args, tiny_config
+from test_reliability import tiny_args, tiny_config, train_with_checkpoints
 
 from scaling.errors import UserError
 from scaling.runtime import checkpoint
@@ -26,9 +26,7 @@ PARTS = ["_CHECKPOINT_METADATA", "default/_METADATA", "default/_sharding",
 def trained(tmp_path_factory, tiny_idx_dir):
     """A workdir with checkpoints at steps 4 and 8, and the abstract state to restore."""
     workdir = tmp_path_factory.mktemp("trained")
-    result = run_cli(*tiny_args(tiny_idx_dir, workdir, "--config.num_steps=8",
-                                "--config.checkpoint_every_steps=4"))
-    assert result.returncode == 0, result.stderr[-2000:]
+    train_with_checkpoints(tiny_idx_dir, workdir)
     config, experiment = tiny_config(tiny_idx_dir)
     mesh = mesh_lib.make_mesh(config.mesh)
     run = run_lib.build_run_from_shapes(config, mesh, experiment)

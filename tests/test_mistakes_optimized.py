@@ -12,23 +12,16 @@ import pytest
 from conftest import REPO, run_cli
 from PIL import Image
 from test_cli import assert_user_error
+from test_reliability import tiny_args, train_with_checkpoints
 
 FIXTURE = REPO / "tests" / "fixtures" / "hf" / "llama31"
 
 
-def fashion(tiny_idx_dir, workdir, *extra):
-    return ["--experiment=fashion_mnist_mlp", f"--workdir={workdir}",
-            f"--config.data.manual_dir={tiny_idx_dir}", "--config.batch_size=32",
-            "--config.eval_batch_size=32", "--config.steps_per_call=4", *extra]
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_idx_dir):
-    """A fashion_mnist_mlp workdir with checkpoints at steps 4 and 8."""
+    """A tiny mnist_mlp workdir with checkpoints at steps 4 and 8."""
     workdir = tmp_path_factory.mktemp("trained")
-    result = run_cli(*fashion(tiny_idx_dir, workdir, "--config.num_steps=8",
-                              "--config.checkpoint_every_steps=4"))
-    assert result.returncode == 0, result.stderr[-2000:]
+    train_with_checkpoints(tiny_idx_dir, workdir)
     return workdir
 
 
@@ -67,18 +60,18 @@ def symlink_out(tmp_path, tiny_idx_dir, **_):
     workdir.mkdir()
     (tmp_path / "outside").write_text("precious\n")
     (workdir / "metrics.jsonl").symlink_to(tmp_path / "outside")
-    return fashion(tiny_idx_dir, workdir), ["metrics.jsonl", "leads outside the workdir"]
+    return tiny_args(tiny_idx_dir, workdir), ["metrics.jsonl", "leads outside the workdir"]
 
 
 def changed_model(tmp_path, trained, tiny_idx_dir, **_):
-    return (fashion(tiny_idx_dir, copy(trained, tmp_path), "--config.model.hidden_sizes=64,64",
-                    "--mode=eval"),
+    return (tiny_args(tiny_idx_dir, copy(trained, tmp_path), "--config.model.hidden_sizes=64,64",
+                      "--mode=eval"),
             ["its checkpoints were written with a different model config"])
 
 
 def mismatched_arrays(tmp_path, trained, tiny_idx_dir, **_):
-    return (fashion(tiny_idx_dir, copy(trained, tmp_path), "--config.model.hidden_sizes=64,64",
-                    "--mode=eval", "--allow_config_change"),
+    return (tiny_args(tiny_idx_dir, copy(trained, tmp_path), "--config.model.hidden_sizes=64,64",
+                      "--mode=eval", "--allow_config_change"),
             ["does not match this config", "mismatched paths"])
 
 
@@ -112,8 +105,8 @@ def unprepared(tmp_path, **_):
 
 def wrong_image(tmp_path, trained, tiny_idx_dir, **_):
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "big.png")
-    return (fashion(tiny_idx_dir, trained, "--mode=predict", f"--inputs={tmp_path / 'big.png'}",
-                    f"--output={tmp_path / 'out.jsonl'}"), ["big.png is 32x32", "28x28"])
+    return (tiny_args(tiny_idx_dir, trained, "--mode=predict", f"--inputs={tmp_path / 'big.png'}",
+                      f"--output={tmp_path / 'out.jsonl'}"), ["big.png is 32x32", "28x28"])
 
 
 def busy(tmp_path, tiny_idx_dir, holders, **_):
@@ -123,7 +116,7 @@ def busy(tmp_path, tiny_idx_dir, holders, **_):
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.write(fd, b"host h, pid 1, started then\n")
     holders.append(fd)
-    return fashion(tiny_idx_dir, workdir), ["another run is using it (host h, pid 1"]
+    return tiny_args(tiny_idx_dir, workdir), ["another run is using it (host h, pid 1"]
 
 
 def other_architecture(tmp_path, imported, **_):
@@ -142,14 +135,14 @@ def train_imported(tmp_path, imported, **_):
 def damaged_for_eval(tmp_path, trained, tiny_idx_dir, **_):
     workdir = copy(trained, tmp_path)
     (workdir / "checkpoints" / "8" / "default" / "_METADATA").write_text("{")
-    return fashion(tiny_idx_dir, workdir, "--mode=eval"), ["8 is damaged", "--checkpoint_step=4"]
+    return tiny_args(tiny_idx_dir, workdir, "--mode=eval"), ["8 is damaged", "--checkpoint_step=4"]
 
 
 def all_damaged(tmp_path, trained, tiny_idx_dir, **_):
     workdir = copy(trained, tmp_path)
     for step in ("4", "8"):
         (workdir / "checkpoints" / step / "default" / "_METADATA").write_text("{")
-    return (fashion(tiny_idx_dir, workdir, "--config.num_steps=12"),
+    return (tiny_args(tiny_idx_dir, workdir, "--config.num_steps=12"),
             ["no intact checkpoint", "8.damaged, 4.damaged"])
 
 

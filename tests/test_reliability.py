@@ -28,6 +28,13 @@ def tiny_args(data_dir, workdir, *extra):
             "--config.log_every_steps=4", "--config.eval_every_steps=100000", *extra]
 
 
+def train_with_checkpoints(data_dir, workdir) -> None:
+    """A tiny run of 8 steps into `workdir`, with checkpoints at steps 4 and 8."""
+    result = run_cli(*tiny_args(data_dir, workdir, "--config.num_steps=8",
+                                "--config.checkpoint_every_steps=4"))
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def tiny_config_overrides(data_dir, *overrides) -> list[str]:
     return [f"data.manual_dir={data_dir}", "batch_size=64", "eval_batch_size=64", "num_steps=8",
             "steps_per_call=4", "checkpoint_every_steps=8", *overrides]
