@@ -96,7 +96,9 @@ def test_a_dead_process_fails_the_other_within_the_timeout(tmp_path, fashion_mni
             process.kill()
     assert processes[0].returncode != 0
     assert time.time() - killed_at < timeout + 30
-    assert "another task died" in stderr
+    # The coordination service names the death, unless the survivor was inside a collective
+    # and gloo ended it first with its own C++ abort (a race seen once under load).
+    assert "another task died" in stderr or "gloo::EnforceNotMet" in stderr, stderr[-2000:]
 
 
 def test_sigterm_to_one_process_stops_both_at_one_saved_step(tmp_path, fashion_mnist_available):
