@@ -42,7 +42,7 @@ from scaling.models.transformer import (
     segment_mask,
 )
 from scaling.runtime import chips
-from scaling.training import mesh as mesh_lib
+from scaling.sharding import mesh as mesh_lib
 from scaling.training.run import build_run_from_shapes, lower_train_step
 
 SIZES = {  # model overrides of experiments/lm_1b.py, and (batch, seq_len)

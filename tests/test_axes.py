@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 from scaling.config import experiments as config_lib
 from scaling.errors import UserError
 from scaling.models import axes
-from scaling.training import mesh as mesh_lib
+from scaling.sharding import mesh as mesh_lib
 from scaling.training import run as run_lib
 
 MLP_RULES = [("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"),

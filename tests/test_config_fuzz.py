@@ -6,7 +6,7 @@ import pytest
 
 from scaling.config import experiments as config_lib
 from scaling.errors import UserError
-from scaling.training import mesh as mesh_lib
+from scaling.sharding import mesh as mesh_lib
 from scaling.training import run as run_lib
 
 HOSTILE = {

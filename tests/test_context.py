@@ -25,8 +25,8 @@ from scaling.models import context, tpu_attention
 from scaling.models.transformer import segment_mask
 from scaling.preflight import topology
 from scaling.runtime.metrics import read_metrics
+from scaling.sharding import mesh as mesh_lib
 from scaling.training import loop
-from scaling.training import mesh as mesh_lib
 from scaling.training import run as run_lib
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,

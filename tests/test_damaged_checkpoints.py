@@ -13,7 +13,7 @@ from test_reliability import tiny_args, tiny_config, train_with_checkpoints
 
 from scaling.errors import UserError
 from scaling.runtime import checkpoint
-from scaling.training import mesh as mesh_lib
+from scaling.sharding import mesh as mesh_lib
 from scaling.training import run as run_lib
 
 PARTS = ["_CHECKPOINT_METADATA", "default/_METADATA", "default/_sharding",

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 from scaling import data
 from scaling.config import experiments as config_lib
 from scaling.preflight import hlo, step_report
-from scaling.training import mesh as mesh_lib
+from scaling.sharding import mesh as mesh_lib
 from scaling.training import run as run_lib
 from scaling.training import state_summary
 from scaling.training.run import build_run

@@ -16,7 +16,7 @@ from conftest import run_cli, write_custom_experiment
 from scaling.config import experiments as config_lib
 from scaling.errors import UserError
 from scaling.preflight import hlo, step_report, topology
-from scaling.training import mesh as mesh_lib
+from scaling.sharding import mesh as mesh_lib
 from scaling.training import run as run_lib
 from scaling.training import state_summary
 from scaling.training.state_summary import parameter_count

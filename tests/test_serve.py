@@ -2,22 +2,18 @@
 
 import asyncio
 import contextlib
-import http.client
 import io
 import json
-import os
-import queue
-import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from conftest import REPO
+from serve_process import ServeProcess
 
 from scaling import serving
 from scaling.config import experiments as config_lib
@@ -52,71 +48,15 @@ def expected(artifact, test_images):
     return serving.load(artifact).predict(test_images, top_k=2)
 
 
-class Server:
-    """`python -m scaling.serve` on a free loopback port, read from its first line."""
+class Server(ServeProcess):
+    """The classifier server over `artifact`."""
 
     def __init__(self, artifact, log_dir, *flags):
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-        self.stderr = log_dir / "serve.stderr"
-        with self.stderr.open("w") as stderr:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "scaling.serve", f"--artifact={artifact}", "--port=0",
-                 "--max_batch_size=16", f"--max_request_bytes={MAX_REQUEST_BYTES}", *flags],
-                stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=REPO, env=env)
-        self.lines = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        self.port = self._wait_for_port()
-
-    def _read(self):
-        for line in self.process.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def _wait_for_port(self, timeout=120) -> int:
-        deadline = time.monotonic() + timeout
-        while True:
-            line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.1))
-            if line is None:
-                raise AssertionError(f"the server exited: {self.stderr.read_text()[-2000:]}")
-            found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-            if found:
-                return int(found.group(1))
-
-    def request(self, method, path, body=None):
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        try:
-            if isinstance(body, (dict, list)):
-                body = json.dumps(body).encode()
-            connection.request(method, path, body=body,
-                               headers={"Content-Type": "application/json"})
-            response = connection.getresponse()
-            return response.status, json.loads(response.read())
-        finally:
-            connection.close()
+        super().__init__(log_dir, f"--artifact={artifact}", "--max_batch_size=16",
+                         f"--max_request_bytes={MAX_REQUEST_BYTES}", *flags)
 
     def predict(self, images, **fields):
         return self.request("POST", "/predict", {"instances": images.tolist(), **fields})
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.wait()
-
-    def wait(self) -> int:
-        """The exit code. A second SIGTERM would race the event loop's handler removal."""
-        try:
-            return self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise
-
-    def output(self) -> str:
-        """Everything printed after the first line, once the process has closed stdout."""
-        lines = []
-        while (line := self.lines.get(timeout=60)) is not None:
-            lines.append(line)
-        return "".join(lines)
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from scaling.config import experiments as config_lib
 from scaling.data import element_spec
 from scaling.errors import UserError
 from scaling.runtime import checkpoint, profiling, startup_gc
+from scaling.sharding import mesh as mesh_lib
 from scaling.training import compiler_options, loop
-from scaling.training import mesh as mesh_lib
 from scaling.training import run as run_lib
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # a compile or a cache load

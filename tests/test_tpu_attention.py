@@ -17,7 +17,7 @@ from scaling.errors import UserError
 from scaling.models import tpu_attention
 from scaling.models.transformer import TransformerConfig, segment_mask
 from scaling.preflight import topology
-from scaling.training import mesh as mesh_lib
+from scaling.sharding import mesh as mesh_lib
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="compiling for a TPU needs libtpu: "

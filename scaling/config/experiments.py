@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import json
 import os
 import sys
 import traceback
@@ -266,3 +267,54 @@ def validate(config: ml_collections.ConfigDict) -> None:
         size = config.mesh[axis]
         require(size == -1 or size > 0,
                 f"--config.mesh.{axis}={size}: must be a positive size, or -1 for the rest")
+
+
+def load_recorded_config(workdir: Path, experiment: str | None,
+                         overrides: Iterable[str]) -> tuple[ml_collections.ConfigDict,
+                                                            types.ModuleType]:
+    """The config a workdir was trained or imported with (its `config.json`), under the
+    experiment it names unless `experiment` is given, plus `overrides`.
+
+    Commands that only read a workdir (serving) need no `--experiment`: the resolved config
+    already says everything, including the overrides training was started with.
+    """
+    path = Path(workdir) / "config.json"
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"--workdir={workdir}: holds no config.json; train or import a model "
+                        "into it first (--mode=train or --mode=import_hf)") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read it ({e})") from None
+    if not isinstance(recorded, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    name = experiment or recorded.get("experiment")
+    if not isinstance(name, str):
+        raise UserError(f"{path}: names no experiment; pass --experiment=NAME_OR_PATH")
+    config, module = load_config(name, [])
+    with config.unlocked():
+        _lay_over(config, recorded, path)
+    apply_overrides(config, overrides)
+    validate(config)
+    config.lock()
+    return config, module
+
+
+def _lay_over(config: ml_collections.ConfigDict, recorded: dict, path: Path,
+              prefix: str = "") -> None:
+    """Sets every recorded field the schema still has (JSON lists become tuples where the
+    schema holds tuples)."""
+    for key, value in recorded.items():
+        if key not in config:
+            continue
+        current = config[key]
+        if isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
+            _lay_over(current, value, path, f"{prefix}{key}.")
+            continue
+        if isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
+        try:
+            config[key] = value
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{path}: {prefix}{key}={value!r} does not fit the config "
+                            f"({e})") from None

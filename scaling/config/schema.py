@@ -43,6 +43,7 @@ from scaling.data import IMAGE_DATASETS, SFT_DATASETS, TEXT_DATASETS
 from scaling.data.packed_windows import PACKINGS
 from scaling.data.tokenizer import TOKENIZERS
 from scaling.errors import UserError
+from scaling.sharding import MESH_AXES
 
 
 class _Required:
@@ -144,7 +145,6 @@ def _plain(value: Any) -> Any:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
-MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 # Every logical axis name the built-in models use (scaling.models.axes), mapped onto the
 # mesh: batches over data x fsdp, the sequence of activations over context, weights' embed

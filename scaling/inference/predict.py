@@ -2,9 +2,9 @@
 
 Inputs take the path that training and evaluation take: files are decoded to the dataset's
 stored layout (uint8 pixels, nothing rescaled), and the task's own preprocessing and the
-model's eval-mode forward pass (`steps.eval_logits`) do the rest, in batches sharded over the
-mesh. Each prediction is post-processed into the argmax label and the top-k classes with their
-probabilities, named by the dataset's label names, and written as JSON lines or CSV.
+model's eval-mode forward pass (`models.forward.eval_logits`) do the rest, in batches sharded
+over the mesh. Each prediction is post-processed into the argmax label and the top-k classes
+with their probabilities, named by the dataset's label names, and written as JSON lines or CSV.
 
 Only the model and its params are restored (`scaling.inference.restore`): predicting files
 needs neither the dataset nor the optimizer, so it works after the data has moved. Only
@@ -32,10 +32,10 @@ from scaling.data import element_spec
 from scaling.data.image_files import read_inputs
 from scaling.errors import UserError
 from scaling.inference import restore
+from scaling.models.forward import eval_logits
 from scaling.serving.pixels import pad_batch
 from scaling.serving.postprocess import DEFAULT_TOP_K, resolve_top_k, top_k_records
-from scaling.training import mesh as mesh_lib
-from scaling.training import steps
+from scaling.sharding import mesh as mesh_lib
 
 IMAGE_KEY = "image"
 SPLIT_PREFIX = "split:"
@@ -68,7 +68,7 @@ def require_classifier(config: ml_collections.ConfigDict, mode: str) -> None:
 
 def prediction_outputs(params, batch, *, model, task) -> dict[str, jax.Array]:
     """Argmax labels and class probabilities: what predict, export and serving all return."""
-    logits = steps.eval_logits(params, batch, model=model, task=task)
+    logits = eval_logits(params, batch, model=model, task=task)
     return {"label": jnp.argmax(logits, axis=-1).astype(jnp.int32),
             "probabilities": jax.nn.softmax(logits, axis=-1)}
 

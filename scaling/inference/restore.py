@@ -24,12 +24,12 @@ import ml_collections
 import numpy as np
 
 from scaling.data import element_spec
+from scaling.data.preprocess import Preprocessing, get_preprocessing
 from scaling.errors import UserError
 from scaling.inference import sources
-from scaling.models import lora, make_model
+from scaling.models import init_keys, lora, make_model
 from scaling.runtime import checkpoint
-from scaling.training import mesh as mesh_lib
-from scaling.training.tasks import Task, get_task
+from scaling.sharding import mesh as mesh_lib
 
 PARAMS = checkpoint.PARAMS
 
@@ -41,7 +41,7 @@ class Restored:
     mesh: jax.sharding.Mesh
     rules: tuple
     model: nn.Module
-    task: Task
+    task: Preprocessing  # how the task's batches become the model's inputs
     param_shardings: Any
     params: Any
     step: int
@@ -53,7 +53,7 @@ class ModelSpec:
     mesh: jax.sharding.Mesh
     rules: tuple
     model: nn.Module
-    task: Task
+    task: Preprocessing
     param_shardings: Any
     abstract_params: Any  # ShapeDtypeStructs carrying their target shardings
 
@@ -63,7 +63,7 @@ def model_spec(config: ml_collections.ConfigDict, experiment=None) -> ModelSpec:
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = mesh_lib.rules_from_config(config)
     model = make_model(config, experiment, mesh_lib.platform(mesh))
-    task = get_task(config.task)
+    task = get_preprocessing(config.task)
     sample = {k: np.zeros((1,) + v.shape, v.dtype) for k, v in element_spec(config).items()}
 
     def init_params():
@@ -110,12 +110,10 @@ def starting_params(config: ml_collections.ConfigDict, spec: ModelSpec) -> Any:
     base = lora.without_adapters(spec.abstract_params)
     if config.init_from:
         return sources.initial_params(config.init_from, config, base)
-    from scaling.training import run as run_lib  # the optimizer's imports: only needed here
-
     sample = {k: np.zeros((1,) + v.shape, v.dtype) for k, v in element_spec(config).items()}
 
     def init():
-        params = spec.model.init(run_lib.init_keys(config.seed)[0],
+        params = spec.model.init(init_keys(config.seed)[0],
                                  spec.task.preprocess(sample), train=False)[PARAMS]
         return lora.without_adapters(nn.meta.unbox(params))
 

@@ -21,11 +21,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from scaling.data.preprocess import LANGUAGE_TASKS
 from scaling.data.tokenizer import TOKENIZER_DIR, Tokenizer, load_tokenizer
 from scaling.errors import UserError
 from scaling.inference import restore
 from scaling.runtime import checkpoint
-from scaling.training.tasks import LANGUAGE_TASKS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -46,6 +47,12 @@ def make_model(config: ml_collections.ConfigDict, experiment=None,
                                               config.get("data", {}).get("seq_len")))
     raise UserError(f"--config.model.name={model_config.name}: unknown model; expected one of "
                     f"{', '.join(MODELS)}, or define make_model(config) in the experiment file")
+
+
+def init_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(params key, state key) of a run: its params at step 0 are `model.init(params key)`,
+    in training and wherever inference makes them again."""
+    return tuple(jax.random.split(jax.random.PRNGKey(seed)))
 
 
 def transformer_config(model_config: ml_collections.ConfigDict, platform: str | None = None,

@@ -2,7 +2,7 @@
 
 Models name the axes of their params and activations with these constants only, so a typo in
 a model is a NameError at import time rather than an axis that silently stays unsharded. The
-config's `sharding_rules` map each name onto mesh axes; `scaling.training.mesh` checks that
+config's `sharding_rules` map each name onto mesh axes; `scaling.sharding.mesh` checks that
 every rule names one of these (or a name the model itself uses) and that every name a model
 uses has a rule.
 

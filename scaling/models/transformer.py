@@ -65,7 +65,7 @@ import ml_collections
 import numpy as np
 
 from scaling.errors import UserError
-from scaling.models import context, cpu_attention, formulas
+from scaling.models import context, cpu_attention, formulas, paged
 from scaling.models.axes import (
     BATCH,
     EMBED,
@@ -397,7 +397,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array | None,
-                 segment_ids_BL: jax.Array | None = None) -> jax.Array:
+                 segment_ids_BL: jax.Array | None = None,
+                 paged_batch: paged.PagedBatch | None = None) -> jax.Array:
         c = self.config
         B, L, D = x_BLD.shape
         H, K, Dh = c.num_heads, c.num_kv_heads, c.head_dim
@@ -426,6 +427,9 @@ class Attention(nn.Module):
 
         q_BLHDh = project(w_DHDh, "query")
         k_BLKDh, v_BLKDh = project(wk_DKDh, "key"), project(wv_DKDh, "value")
+        if paged_batch is not None:
+            out_BLHDh = self._paged_attention(q_BLHDh, k_BLKDh, v_BLKDh, paged_batch)
+            return self._output(out_BLHDh, w_HDhD, flatten)
 
         # Slots index the key/value sequence: causality compares slots, RoPE uses positions.
         cache = self._cache_variables(B) if self.decode else None
@@ -484,7 +488,14 @@ class Attention(nn.Module):
                                                      c.query_chunk)
             else:
                 out_BLHDh = ATTENTION_FORMS[form](q_BLHDh, k_BSKDh, v_BSKDh, mask_BLS)
-        out_BLHDh = constrain(out_BLHDh, names)
+        return self._output(out_BLHDh, w_HDhD, flatten)
+
+    def _output(self, out_BLHDh: jax.Array, w_HDhD: jax.Array, flatten: bool) -> jax.Array:
+        """The heads' outputs projected back to the model width."""
+        c = self.config
+        B, L, H, Dh = out_BLHDh.shape
+        D = w_HDhD.shape[-1]
+        out_BLHDh = constrain(out_BLHDh, (BATCH, SEQ, HEADS, KV))
         out_BLe = out_BLHDh.reshape(B, L, H * Dh)
         y_BLD = dense(out_BLe, w_HDhD.reshape(H * Dh, D), flatten)
         if c.lora_rank:
@@ -492,6 +503,31 @@ class Attention(nn.Module):
                                        (HEADS, KV, None), (c.lora_rank, D), (None, EMBED),
                                        flatten)
         return y_BLD
+
+    def _paged_attention(self, q_BLHDh: jax.Array, k_BLKDh: jax.Array, v_BLKDh: jax.Array,
+                         batch: paged.PagedBatch) -> jax.Array:
+        """Attention against a paged KV cache (`scaling.models.paged`): the new keys and
+        values are written into this layer's pool, then each row reads its blocks back."""
+        c = self.config
+        K, Dh = c.num_kv_heads, c.head_dim
+        initialized = self.has_variable("cache", "paged_key")
+        shape = (batch.num_blocks, batch.block_size, K, Dh)
+        zeros = nn.with_logical_partitioning(jnp.zeros, (None, None, HEADS, KV))
+        pools = (self.variable("cache", "paged_key", zeros, shape, c.dtype),
+                 self.variable("cache", "paged_value", zeros, shape, c.dtype))
+        inv_freq = rope_frequencies(c)
+        q_BLHDh = apply_rope(q_BLHDh, batch.positions_BL, inv_freq)
+        k_BLKDh = apply_rope(k_BLKDh, batch.positions_BL, inv_freq)
+        if not initialized:  # the init that creates the pools: attend to the new tokens only
+            mask_BLS = causal_mask(jnp.arange(q_BLHDh.shape[1]), k_BLKDh.shape[1])
+            return grouped_einsum_attention(q_BLHDh, k_BLKDh, v_BLKDh, mask_BLS)
+        read = []
+        for pool, new_BLKDh in zip(pools, (k_BLKDh, v_BLKDh), strict=True):
+            pool.value = paged.write(pool.value, batch.slots_BL, new_BLKDh)
+            read.append(paged.gather(pool.value, batch.block_table_BM).astype(c.dtype))
+        k_BSKDh, v_BSKDh = read
+        mask_BLS = paged.visible(batch.positions_BL, k_BSKDh.shape[1])
+        return grouped_einsum_attention(q_BLHDh, k_BSKDh, v_BSKDh, mask_BLS)
 
     def _cache_variables(self, B: int) -> _Cache:
         c = self.config
@@ -560,11 +596,12 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array | None,
-                 segment_ids_BL: jax.Array | None) -> tuple[jax.Array, None]:
+                 segment_ids_BL: jax.Array | None,
+                 paged_batch: paged.PagedBatch | None = None) -> tuple[jax.Array, None]:
         names = (BATCH, SEQ, RESIDUAL)
         h_BLD = RMSNorm(self.config, name="attention_norm")(x_BLD)
         attention = Attention(self.config, self.decode, self.seq_shards, name="attention")
-        x_BLD = x_BLD + attention(h_BLD, positions_BL, segment_ids_BL)
+        x_BLD = x_BLD + attention(h_BLD, positions_BL, segment_ids_BL, paged_batch)
         x_BLD = constrain(x_BLD, names)
         h_BLD = RMSNorm(self.config, name="mlp_norm")(x_BLD)
         x_BLD = x_BLD + Mlp(self.config, self.seq_shards, name="mlp")(h_BLD)
@@ -577,7 +614,8 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens_BL: jax.Array, *, train: bool = False, decode: bool = False,
                  positions_BL: jax.Array | None = None,
-                 segment_ids_BL: jax.Array | None = None) -> jax.Array:
+                 segment_ids_BL: jax.Array | None = None,
+                 paged_batch: paged.PagedBatch | None = None) -> jax.Array:
         """Float32 logits (B, L, V) for next-token prediction.
 
         With `decode=True`, apply with `mutable=["cache"]` and a cache from `init_cache`: the
@@ -591,6 +629,11 @@ class Transformer(nn.Module):
         within each document as `positions_BL` too, or later documents are rotated as if
         they continued the earlier ones. Decoding serves one sequence per row, so the KV
         cache does not take segments.
+
+        With `paged_batch` (a serving engine's step, `scaling.models.paged`), apply with
+        `mutable=["cache"]` and the engine's pools: the tokens are written into the paged
+        cache at the batch's slots, rotated by its positions, and only the logits of each
+        row's `logit_index_B` token are made, (B, 1, V).
         """
         del train  # no dropout in this model
         if decode and segment_ids_BL is not None:
@@ -600,7 +643,9 @@ class Transformer(nn.Module):
         # Context parallelism: a split sequence is reordered to balance causal attention
         # (`scaling.models.context`); the outputs come back in the callers' order.
         L = tokens_BL.shape[1]
-        seq_shards = 1 if decode else context.sequence_shards()
+        seq_shards = 1 if decode or paged_batch is not None else context.sequence_shards()
+        if paged_batch is not None:
+            positions_BL = paged_batch.positions_BL
         if seq_shards > 1:
             order = context.balanced_order(L, seq_shards)
             if positions_BL is None:
@@ -626,18 +671,20 @@ class Transformer(nn.Module):
         if c.scan_layers:
             stack = nn.scan(layer, variable_axes={"params": 0, "cache": 0},
                             split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast),
+                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                             length=c.num_layers, unroll=unroll,
                             metadata_params={nn.PARTITION_NAME: LAYERS})
             x_BLD, _ = stack(c, decode, seq_shards, name="layers")(x_BLD, positions_BL,
-                                                                   segment_ids_BL)
+                                                                   segment_ids_BL, paged_batch)
         else:
             for i in range(c.num_layers):
                 x_BLD, _ = layer(c, decode, seq_shards, name=f"layers_{i}")(
-                    x_BLD, positions_BL, segment_ids_BL)
+                    x_BLD, positions_BL, segment_ids_BL, paged_batch)
 
+        if paged_batch is not None:  # a serving step needs one token's logits per row
+            x_BLD = jnp.take_along_axis(x_BLD, paged_batch.logit_index_B[:, None, None], axis=1)
         x_BLD = RMSNorm(c, name="final_norm")(x_BLD)
-        if c.loss_chunk and not decode:
+        if c.loss_chunk and not decode and paged_batch is None:
             return self._projection(x_BLD, embedding_VD, seq_shards)
         if c.tie_embeddings:
             logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, embedding_VD.astype(c.dtype),

@@ -33,7 +33,7 @@ from scaling.models.formulas import GRADIENTS, GROUPS, ParamLayout, StepLayout
 from scaling.preflight import hlo, topology
 from scaling.runtime import chips
 from scaling.runtime.workdir import write_json_atomically
-from scaling.training import mesh as mesh_lib
+from scaling.sharding import mesh as mesh_lib
 from scaling.training import run as run_lib
 from scaling.training.state_summary import bytes_per_device, format_bytes
 

@@ -1,6 +1,8 @@
-"""Serving: the standalone loader of an exported model and its HTTP server.
+"""Serving: the HTTP servers.
 
-Nothing here imports flax, the experiment or the training code: jax and numpy only.
+The classifier's (`server`, over the standalone loader `artifact`) imports neither flax nor
+the experiment: jax and numpy only. The language model's (`lm_server`, started by `lm_main`)
+speaks the OpenAI API over the engine of `scaling.engine`.
 """
 
 from scaling.serving.artifact import ServedModel, load

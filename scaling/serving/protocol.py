@@ -12,11 +12,16 @@ in the handler, and JSON depth is checked before parsing (`json_depth`).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import re
+import signal
 from http import HTTPStatus
 
 from aiohttp import web, web_protocol, web_server
+
+from scaling.errors import UserError
 
 _STRUCTURE = re.compile(rb'[\[\]{}"\\]')
 
@@ -107,3 +112,59 @@ def limit_connections(runner: web.AppRunner, idle_timeout_s: float) -> None:
     above, which changes nothing but what it makes."""
     runner.server.__class__ = JsonErrorServer
     runner.server.idle_timeout_s = idle_timeout_s
+
+
+async def listen(application: web.Application, host: str, port: int, idle_timeout_s: float,
+                 shutdown_grace_s: float) -> tuple[web.AppRunner, int, asyncio.Event]:
+    """Starts serving `application`: (its runner, the bound port, an event that SIGTERM or
+    SIGINT sets). A port that cannot be bound is the user's error, naming `--port`.
+
+    After an early answer (408, 413) aiohttp reads what the client still sends for
+    `lingering_time` before closing, so the client sees the answer, not a reset; a second is
+    plenty on any network and bounds what a slow client can hold. `runner.cleanup()` later
+    stops listening and waits (at most `shutdown_grace_s`) for the handlers in flight.
+    """
+    runner = web.AppRunner(application, access_log=None, shutdown_timeout=shutdown_grace_s,
+                           lingering_time=1.0)
+    await runner.setup()
+    limit_connections(runner, idle_timeout_s)
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as e:
+        await runner.cleanup()
+        raise UserError(f"--port={port}: cannot listen on {host}:{port} ({e.strerror})") from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    return runner, runner.addresses[0][1], stop
+
+
+def check_minimums(flag_values, minimums: tuple[tuple[str, float], ...]) -> None:
+    """Each named flag is finite and at least its minimum, or a UserError naming it."""
+    for name, minimum in minimums:
+        value = flag_values[name].value
+        if not (value >= minimum and math.isfinite(value)):
+            raise UserError(f"--{name}={value}: must be at least {minimum}")
+
+
+def check_port(port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port={port}: expected 0 to 65535 (0 picks a free port)")
+
+
+# The limits both servers take, and their lowest sensible values.
+LIMIT_MINIMUMS = (("max_request_bytes", 1), ("max_json_depth", 1), ("body_timeout_s", 0.001),
+                  ("idle_timeout_s", 0.001), ("shutdown_grace_s", 0))
+
+
+def parse_command_line(flag_values, argv: list[str]) -> None:
+    """Parses a server's own flags; a bad flag or a stray argument is a UserError."""
+    from absl import flags
+
+    try:
+        rest = flag_values(argv)
+    except flags.Error as e:
+        raise UserError(str(e)) from None
+    if len(rest) > 1:
+        raise UserError(f"unexpected arguments: {' '.join(rest[1:])}")

@@ -34,8 +34,6 @@ import asyncio
 import collections
 import dataclasses
 import json
-import math
-import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -250,27 +248,16 @@ async def serve(model: artifact.ServedModel, host: str, port: int, max_batch_siz
                 shutdown_grace_s: float = 30.0) -> None:
     """Serve until SIGTERM or SIGINT, then finish the requests in flight (for at most
     `shutdown_grace_s`) and return."""
-    loop = asyncio.get_running_loop()
     batcher = Batcher(model, max_batch_size, max_wait_ms / 1000)
     batcher.start()
     parser = ThreadPoolExecutor(max_workers=2, thread_name_prefix="parse")
-    # After an early answer (408, 413) aiohttp reads what the client still sends for
-    # `lingering_time` before closing, so the client sees the answer, not a reset; a second
-    # is plenty on any network and bounds what a slow client can hold.
-    runner = web.AppRunner(make_app(model, batcher, limits, parser), access_log=None,
-                           shutdown_timeout=shutdown_grace_s, lingering_time=1.0)
-    await runner.setup()
-    protocol.limit_connections(runner, idle_timeout_s)
     try:
-        await web.TCPSite(runner, host, port).start()
-    except OSError as e:
-        await runner.cleanup()
+        runner, bound_port, stop = await protocol.listen(
+            make_app(model, batcher, limits, parser), host, port, idle_timeout_s,
+            shutdown_grace_s)
+    except UserError:
         await batcher.stop()
-        raise UserError(f"--port={port}: cannot listen on {host}:{port} ({e.strerror})") from None
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    bound_port = runner.addresses[0][1]
+        raise
     print(f"serving {model.directory} on http://{host}:{bound_port} (batches of up to "
           f"{max_batch_size} examples, {max_wait_ms:g} ms wait); SIGTERM or Ctrl-C stops",
           flush=True)
@@ -283,22 +270,12 @@ async def serve(model: artifact.ServedModel, host: str, port: int, max_batch_siz
 
 
 def run(argv: list[str]) -> None:
-    try:
-        argv = FLAGS(argv)
-    except flags.Error as e:
-        raise UserError(str(e)) from None
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    protocol.parse_command_line(FLAGS, argv)
     if not FLAGS.artifact:
         raise UserError("--artifact is required: the directory that --mode=export wrote")
-    if not 0 <= FLAGS.port <= 65535:
-        raise UserError(f"--port={FLAGS.port}: expected 0 to 65535 (0 picks a free port)")
-    for name, minimum in (("max_batch_size", 1), ("max_wait_ms", 0), ("max_request_bytes", 1),
-                          ("max_json_depth", 1), ("body_timeout_s", 0.001),
-                          ("idle_timeout_s", 0.001), ("shutdown_grace_s", 0)):
-        value = FLAGS[name].value
-        if not (value >= minimum and math.isfinite(value)):
-            raise UserError(f"--{name}={value}: must be at least {minimum}")
+    protocol.check_port(FLAGS.port)
+    protocol.check_minimums(FLAGS, (("max_batch_size", 1), ("max_wait_ms", 0),
+                                    *protocol.LIMIT_MINIMUMS))
     model = artifact.load(FLAGS.artifact, FLAGS.max_batch_size)
     model.warm_up()
     limits = Limits(FLAGS.max_request_bytes, FLAGS.max_json_depth, FLAGS.body_timeout_s)

@@ -23,9 +23,9 @@ from scaling.data import dataset as dataset_lib
 from scaling.data import element_spec, load_dataset
 from scaling.data.loader import TrainLoader, eval_chunks
 from scaling.errors import UserError
-from scaling.models import axes, lora, make_model, training_flops_per_example
+from scaling.models import axes, init_keys, lora, make_model, training_flops_per_example
+from scaling.sharding import mesh as mesh_lib
 from scaling.training import compiler_options, memory_check
-from scaling.training import mesh as mesh_lib
 from scaling.training.optimizer import make_optimizer
 from scaling.training.state_summary import state_table
 from scaling.training.steps import TrainState, eval_step, objective, train_step
@@ -166,11 +166,6 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, elemen
             jax.jit(evaluate_chunk, in_shardings=(state_shardings.params, chunk_sharding),
                     out_shardings=replicated, compiler_options=xla_options or None),
             mesh, rules))
-
-
-def init_keys(seed: int) -> tuple[jax.Array, jax.Array]:
-    """(params key, state key) of a run: its params at step 0 are `model.init(params key)`."""
-    return tuple(jax.random.split(jax.random.PRNGKey(seed)))
 
 
 def lower_train_step(run: Run, steps_per_call: int = 1) -> jax.stages.Lowered:

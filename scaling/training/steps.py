@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from scaling.models.forward import eval_logits
 from scaling.models.tiled_loss import Projection
 from scaling.training.tasks import Task
 
@@ -105,14 +106,6 @@ def train_step(state: TrainState, batch, *, loss_fn: Callable,
         params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
         metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-
-def eval_logits(params, batch, *, model: nn.Module, task: Task) -> jax.Array:
-    """Float32 logits of the model in eval mode from a raw batch: the one forward pass that
-    evaluation, prediction and export all share, so they preprocess exactly as training."""
-    outputs = model.apply({"params": params}, task.preprocess(batch), train=False,
-                          **task.model_inputs(batch))
-    return outputs if isinstance(outputs, Projection) else outputs.astype(jnp.float32)
 
 
 def eval_step(params, batch, *, model: nn.Module, task: Task):

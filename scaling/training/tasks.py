@@ -1,14 +1,12 @@
-"""What a model is trained to do: how a batch becomes inputs, a loss and eval metrics.
+"""What a model is trained to do: how a batch becomes a loss and eval metrics.
 
 The train loop is the same for every task; only these few pure functions differ. Eval
 functions return sums (never means) over the real examples, so padded batches and any number
-of hosts add up to the exact figure.
+of hosts add up to the exact figure. How a batch becomes the model's inputs is shared with
+inference and lives in `scaling.data.preprocess`.
 
-A language-modelling batch holds `tokens` (B, L+1), inputs and targets in one window, and
-optionally, aligned with it, `segment_ids` (the document of each token within the window,
-1, 2, ...; 0 for padding) and `positions` (each token's position within its document) when
-the window packs several documents. The model then sees them for the inputs, and a target
-counts only when it continues its input's document.
+With packed windows (`segment_ids` beside `tokens`, see `scaling.data.preprocess`), a
+language-modelling target counts only when it continues its input's document.
 """
 
 from __future__ import annotations
@@ -21,12 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from scaling.data import preprocess as preprocessing
 from scaling.errors import UserError
 from scaling.models.tiled_loss import Projection
-
-
-def _no_model_inputs(batch: dict) -> dict:
-    return {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,11 +34,13 @@ class Task:
     items_per_example: Callable[[dict], int]  # element spec -> tokens (or images) per example
     # batch -> keyword arguments of the model beside the preprocessed input; whatever a
     # batch carries that the model needs but a plain input cannot hold (packed documents).
-    model_inputs: Callable[[dict], dict] = _no_model_inputs
+    model_inputs: Callable[[dict], dict]
 
 
-def _scale_pixels(batch):
-    return batch["image"].astype(jnp.float32) / 255.0
+def _task(inputs: preprocessing.Preprocessing, **fields) -> Task:
+    """The task of `inputs.name`: its model inputs as inference makes them, and `fields`."""
+    return Task(name=inputs.name, preprocess=inputs.preprocess,
+                model_inputs=inputs.model_inputs, **fields)
 
 
 def _classification_loss(logits, batch):
@@ -70,24 +67,9 @@ def _classification_summary(sums):
             "accuracy": float(sums["correct"]) / count, "num_examples": int(count)}
 
 
-CLASSIFICATION = Task(
-    name="classification", preprocess=_scale_pixels, loss=_classification_loss,
-    eval_sums=_classification_sums, summarize=_classification_summary,
-    items_per_example=lambda spec: 1)
-
-
-def _next_token_inputs(batch):
-    return batch["tokens"][:, :-1]
-
-
-# Batch keys of packed windows, and the model's keyword arguments that take them.
-PACKING_INPUTS = {"segment_ids": "segment_ids_BL", "positions": "positions_BL"}
-
-
-def _next_token_model_inputs(batch: dict) -> dict:
-    """The documents and in-document positions of the inputs, when the window packs several;
-    nothing otherwise, so unpacked batches run the model exactly as before."""
-    return {arg: batch[key][:, :-1] for key, arg in PACKING_INPUTS.items() if key in batch}
+CLASSIFICATION = _task(
+    preprocessing.CLASSIFICATION, loss=_classification_loss, eval_sums=_classification_sums,
+    summarize=_classification_summary, items_per_example=lambda spec: 1)
 
 
 def document_weights(batch: dict, weights: jax.Array) -> jax.Array:
@@ -129,11 +111,9 @@ def _lm_summary(sums):
             "accuracy": float(sums["correct"]) / count, "num_tokens": int(count)}
 
 
-LANGUAGE_MODELING = Task(
-    name="language_modeling", preprocess=_next_token_inputs, loss=_lm_loss,
-    eval_sums=_lm_sums, summarize=_lm_summary,
-    items_per_example=lambda spec: spec["tokens"].shape[0] - 1,
-    model_inputs=_next_token_model_inputs)
+LANGUAGE_MODELING = _task(
+    preprocessing.LANGUAGE_MODELING, loss=_lm_loss, eval_sums=_lm_sums, summarize=_lm_summary,
+    items_per_example=lambda spec: spec["tokens"].shape[0] - 1)
 
 def _sft_sums(outputs, batch):
     """The language model's sums, plus exact matches: pairs whose every response token is
@@ -165,7 +145,6 @@ SUPERVISED_FINETUNING = dataclasses.replace(
     LANGUAGE_MODELING, name="sft", eval_sums=_sft_sums, summarize=_sft_summary)
 
 TASKS = {task.name: task for task in (CLASSIFICATION, LANGUAGE_MODELING, SUPERVISED_FINETUNING)}
-LANGUAGE_TASKS = ("language_modeling", "sft")  # sampled from, with a tokenizer
 
 
 def get_task(name: str) -> Task:

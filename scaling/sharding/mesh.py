@@ -19,9 +19,9 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-from scaling.config.schema import MESH_AXES
 from scaling.errors import UserError
 from scaling.models import axes
+from scaling.sharding import MESH_AXES
 
 
 def resolve_axis_sizes(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict:

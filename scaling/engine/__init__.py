@@ -1,0 +1,86 @@
+"""The language-model serving engine: paged KV cache, compiled programs, scheduler.
+
+It takes a model with its params already on a mesh and a tokenizer, and knows nothing of
+checkpoints, training or HTTP: `scaling.serving` loads the model and speaks the API; this
+package turns requests into tokens as fast as the devices allow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+
+from scaling.data.tokenizer import Tokenizer
+from scaling.engine.programs import Layout, Programs
+from scaling.engine.requests import Event, Request, SamplingParams, TokenLogprob
+from scaling.engine.scheduler import Engine, QueueFull
+from scaling.errors import UserError
+from scaling.sharding import mesh as mesh_lib
+
+__all__ = ["Engine", "EngineOptions", "Event", "QueueFull", "Request", "SamplingParams",
+           "TokenLogprob", "make_engine"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    max_num_seqs: int = 16  # decode slots
+    kv_block_size: int = 16  # positions per cache block
+    num_kv_blocks: int = 0  # blocks in the pool; 0: from kv_cache_gib
+    kv_cache_gib: float = 0.0  # the pool's size; 0 with num_kv_blocks 0: every slot's context
+    prefill_chunk: int = 512  # prompt tokens computed per prefill step
+    max_queue: int = 1024  # waiting requests beyond this are refused
+
+
+def serving_model(model: nn.Module) -> nn.Module:
+    """The model as serving runs it: no remat, whole logits, no adapters (merged first)."""
+    config = dataclasses.replace(model.config, remat_policy="none", loss_chunk=0, lora_rank=0)
+    return type(model)(config)
+
+
+def block_bytes(model_config, block_size: int) -> int:
+    """Bytes of one cache block: keys and values of every layer."""
+    c = model_config
+    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * c.dtype.itemsize
+
+
+def make_layout(model_config, options: EngineOptions, data_parallel: int) -> Layout:
+    """The engine's sizes, checked; the pool is sized from the flags."""
+    c = model_config
+    for name in ("max_num_seqs", "kv_block_size", "prefill_chunk", "max_queue"):
+        if getattr(options, name) < 1:
+            raise UserError(f"--{name}={getattr(options, name)}: must be at least 1")
+    if options.num_kv_blocks < 0 or options.kv_cache_gib < 0:
+        raise UserError("--num_kv_blocks and --kv_cache_gib must not be negative")
+    if options.max_num_seqs % data_parallel:
+        raise UserError(f"--max_num_seqs={options.max_num_seqs}: must be a multiple of the "
+                        f"data-parallel size {data_parallel}, so every replica has slots")
+    per_seq = math.ceil(c.max_seq_len / options.kv_block_size)
+    if options.num_kv_blocks:
+        num_blocks = options.num_kv_blocks
+    elif options.kv_cache_gib:
+        num_blocks = int(options.kv_cache_gib * 2**30 // block_bytes(c, options.kv_block_size))
+    else:
+        num_blocks = options.max_num_seqs * per_seq
+    if num_blocks < per_seq:
+        raise UserError(f"the KV cache holds {num_blocks} blocks of {options.kv_block_size} "
+                        f"positions, fewer than one full context ({per_seq} blocks for "
+                        f"{c.max_seq_len} positions); raise --num_kv_blocks or --kv_cache_gib")
+    return Layout(num_blocks=num_blocks, block_size=options.kv_block_size,
+                  max_num_seqs=options.max_num_seqs, prefill_rows=data_parallel,
+                  prefill_chunk=min(options.prefill_chunk, c.max_seq_len),
+                  max_seq_len=c.max_seq_len)
+
+
+def make_engine(model: nn.Module, params, mesh: jax.sharding.Mesh, rules: tuple,
+                tokenizer: Tokenizer, options: EngineOptions, warm_up: bool = True) -> Engine:
+    """An engine over `params` (on `mesh`, without adapters), compiled and not yet started."""
+    model = serving_model(model)
+    layout = make_layout(model.config, options, mesh_lib.data_parallel_size(mesh, rules))
+    programs = Programs(model, params, mesh, rules, layout, vocab_limit=tokenizer.vocab_size)
+    engine = Engine(programs, tokenizer, options.max_queue)
+    if warm_up:
+        programs.warm_up()
+    return engine

@@ -1,0 +1,198 @@
+"""The engine's compiled programs: prefill and decode over the paged KV cache.
+
+Both run the model on new tokens against the pool (`scaling.models.paged`), and a third
+program chooses one next token per row from the logits (`scaling.engine.sampling`); prefill
+and decode differ in shape. Decode runs every slot, one
+token each: (max_num_seqs, 1). Prefill runs a chunk of a prompt for as many sequences as
+there are data-parallel replicas, one row each, so that every replica has work: (rows, L).
+
+Shapes are bucketed so that a handful of programs serve every request, all compiled at
+warm-up: prompt chunks are padded up to a power of two (at most `prefill_chunk`), and block
+tables to a power of two blocks (decode) or of four (prefill, whose matmuls over the chunk
+outweigh its attention), up to the context's worth. A decode step therefore reads keys for the
+longest sequence running, rounded up, rather than for the whole context.
+
+The pool is donated to each program and comes back written, so the cache is never copied.
+Params and pool keep the shardings the mesh rules give them: key/value heads split like the
+model's heads (tensor parallelism), rows split over the batch axes (data parallelism).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scaling.engine import sampling
+from scaling.models import paged
+from scaling.sharding import mesh as mesh_lib
+
+
+def buckets(limit: int, start: int = 1, growth: int = 2) -> tuple[int, ...]:
+    """start, start·growth, ... below `limit`, then `limit` itself."""
+    sizes, size = [], start
+    while size < limit:
+        sizes.append(size)
+        size *= growth
+    return (*sizes, limit)
+
+
+def bucket(size: int, sizes: tuple[int, ...]) -> int:
+    """The smallest bucket that holds `size`."""
+    for candidate in sizes:
+        if candidate >= size:
+            return candidate
+    raise ValueError(f"{size} exceeds the largest bucket {sizes[-1]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The sizes every program is compiled for."""
+
+    num_blocks: int
+    block_size: int
+    max_num_seqs: int
+    prefill_rows: int
+    prefill_chunk: int
+    max_seq_len: int
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return math.ceil(self.max_seq_len / self.block_size)
+
+    @property
+    def decode_widths(self) -> tuple[int, ...]:
+        return buckets(self.max_blocks_per_seq)
+
+    @property
+    def prefill_widths(self) -> tuple[int, ...]:
+        return buckets(self.max_blocks_per_seq, growth=4)
+
+    @property
+    def prefill_lengths(self) -> tuple[int, ...]:
+        return buckets(self.prefill_chunk, start=min(16, self.prefill_chunk))
+
+    @property
+    def dropped_slot(self) -> int:
+        """A slot past the pool: writes there are dropped (padding tokens, empty rows)."""
+        return self.num_blocks * self.block_size
+
+
+def _forward(model: nn.Module, params, cache, tokens_BL: jax.Array, batch: paged.PagedBatch):
+    logits_B1V, variables = model.apply({"params": params, "cache": cache}, tokens_BL,
+                                        paged_batch=batch, mutable=["cache"])
+    return logits_B1V[:, 0], variables["cache"]
+
+
+class Programs:
+    """The pool on the devices and the compiled steps that read and write it."""
+
+    def __init__(self, model: nn.Module, params: Any, mesh: jax.sharding.Mesh, rules: tuple,
+                 layout: Layout, vocab_limit: int):
+        self.model = model
+        self.params = params
+        self.mesh = mesh
+        self.rules = rules
+        self.layout = layout
+        cache_shardings, abstract = self._cache_layout()
+        self.cache_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(abstract))
+        self.cache = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                                  abstract),
+                             out_shardings=cache_shardings)()
+        param_shardings = jax.tree.map(lambda leaf: leaf.sharding, params)
+        replicated = mesh_lib.replicated(mesh)
+        rows = mesh_lib.batch_sharding(mesh, rules)
+        forward = jax.jit(
+            functools.partial(_forward, model), donate_argnums=(1,),
+            in_shardings=(param_shardings, cache_shardings, rows, replicated),
+            out_shardings=(replicated, cache_shardings))
+        self._lower_forward = mesh_lib.with_mesh_rules(forward.lower, mesh, rules)
+        # Sampling depends only on the rows and the vocabulary: compiled once per row count,
+        # not once per bucket (its random draws take longer to compile than a small model).
+        self._choose = jax.jit(functools.partial(sampling.choose, vocab_limit=vocab_limit),
+                               in_shardings=(replicated, replicated))
+        self._compiled: dict[tuple[int, int, int], Any] = {}  # (rows, length, width)
+        self._compiled_choose: dict[int, Any] = {}
+        self.compiles = 0  # programs compiled so far, warm-up included
+
+    def _cache_layout(self):
+        """The pools' shardings and abstract arrays, from an abstract init of the model."""
+        batch = self.empty_batch(1, 1, 1)
+        boxed = jax.eval_shape(lambda: self.model.init(
+            jax.random.key(0), jnp.zeros((1, 1), jnp.int32), paged_batch=batch)["cache"])
+        shardings = mesh_lib.logical_shardings(boxed, self.mesh, self.rules)
+        return shardings, nn.meta.unbox(boxed)
+
+    def empty_batch(self, rows: int, length: int, width: int) -> paged.PagedBatch:
+        """A batch that writes nothing and reads block 0: the padding of every step."""
+        layout = self.layout
+        return paged.PagedBatch(
+            positions_BL=np.zeros((rows, length), np.int32),
+            slots_BL=np.full((rows, length), layout.dropped_slot, np.int32),
+            block_table_BM=np.zeros((rows, width), np.int32),
+            logit_index_B=np.zeros((rows,), np.int32),
+            num_blocks=layout.num_blocks, block_size=layout.block_size)
+
+    @staticmethod
+    def greedy_settings(rows: int) -> sampling.RowSettings:
+        return sampling.RowSettings(
+            temperature_B=np.zeros((rows,), np.float32), top_k_B=np.zeros((rows,), np.int32),
+            top_p_B=np.ones((rows,), np.float32), seed_B=np.zeros((rows,), np.uint32),
+            index_B=np.zeros((rows,), np.int32))
+
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """Every (rows, length, table width) the engine runs."""
+        layout = self.layout
+        decode = [(layout.max_num_seqs, 1, width) for width in layout.decode_widths]
+        prefill = [(layout.prefill_rows, length, width) for length in layout.prefill_lengths
+                   for width in layout.prefill_widths]
+        return decode + prefill
+
+    def _lower(self, rows: int, length: int, width: int):
+        tokens = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+        return self._lower_forward(self.params, self.cache, tokens,
+                                   self.empty_batch(rows, length, width))
+
+    def _program(self, rows: int, length: int, width: int):
+        """The compiled forward pass for one shape (compiled now if it is new)."""
+        shape = (rows, length, width)
+        if shape not in self._compiled:
+            self._compiled[shape] = self._lower(*shape).compile()
+            self.compiles += 1
+        return self._compiled[shape]
+
+    def _chooser(self, rows: int):
+        if rows not in self._compiled_choose:
+            logits = jax.ShapeDtypeStruct((rows, self.model.config.vocab_size), jnp.float32)
+            self._compiled_choose[rows] = self._choose.lower(
+                logits, self.greedy_settings(rows)).compile()
+            self.compiles += 1
+        return self._compiled_choose[rows]
+
+    def warm_up(self, threads: int = 2) -> int:
+        """Compiles every program, a few at a time (XLA compiles outside Python's lock);
+        returns how many there are."""
+        shapes = [shape for shape in self.shapes() if shape not in self._compiled]
+        lowered = [self._lower(*shape) for shape in shapes]  # tracing stays on this thread
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            compiled = list(pool.map(lambda program: program.compile(), lowered))
+        self._compiled.update(zip(shapes, compiled, strict=True))
+        self.compiles += len(compiled)
+        for rows in sorted({rows for rows, _, _ in self.shapes()}):
+            self._chooser(rows)
+        return self.compiles
+
+    def run(self, tokens_BL: np.ndarray, batch: paged.PagedBatch,
+            settings: sampling.RowSettings) -> sampling.Choice:
+        """One step; the pool is updated in place and the choices come back to the host."""
+        rows, length = tokens_BL.shape
+        program = self._program(rows, length, batch.block_table_BM.shape[1])
+        logits_BV, self.cache = program(self.params, self.cache, tokens_BL, batch)
+        return jax.tree.map(np.asarray, self._chooser(rows)(logits_BV, settings))
