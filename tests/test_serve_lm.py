@@ -210,3 +210,27 @@ def test_sigterm_finishes_the_streams_in_flight_and_exits_0(lm_run, tmp_path):
     assert running.wait() == 0
     assert chunks[-1].usage.completion_tokens == 60
     assert "stopping: finishing the requests in flight" in running.output()
+
+
+def test_an_imported_chat_template_renders_and_its_special_pieces_are_tokens(tmp_path):
+    from conftest import REPO
+
+    from scaling.data.tokenizer import HuggingFaceTokenizer
+    from scaling.serving.chat import ChatTemplate
+
+    template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}"
+                "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}[assistant] "
+                "{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": template, "bos_token": "<|begin_of_text|>",
+        "eos_token": {"content": "<|end_of_text|>"}}))
+    chat = ChatTemplate(tmp_path)
+    text = chat.render([{"role": "user", "content": "hi"}])
+    assert chat.kind == "model"
+    assert text == "<|begin_of_text|>[user] hi<|end_of_text|>[assistant] "
+    tokenizer = HuggingFaceTokenizer(str(REPO / "tests/fixtures/hf/llama/tokenizer.json"))
+    ids = tokenizer.encode_template(text).tolist()
+    assert ids[0] == tokenizer.bos_id and tokenizer.eos_id in ids
+    assert tokenizer.bos_id not in tokenizer.encode(text).tolist()  # as a document: plain text
+    assert ChatTemplate(tmp_path / "absent").render([{"role": "user", "content": "hi"}]) == \
+        "user: hi\nassistant:"

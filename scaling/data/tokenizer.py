@@ -155,6 +155,16 @@ class HuggingFaceTokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
 
+    def encode_template(self, text: str) -> np.ndarray:
+        """Ids of text made by a chat template, whose special pieces (`<|eot_id|>`, ...) are
+        meant as those tokens, unlike the special pieces a document happens to contain."""
+        self._tokenizer.encode_special_tokens = False
+        try:
+            ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        finally:
+            self._tokenizer.encode_special_tokens = True
+        return np.asarray(ids, np.int32)
+
     def decode(self, ids) -> str:
         return self._tokenizer.decode(_without_specials(self, ids), skip_special_tokens=False)
 

@@ -39,6 +39,7 @@ from scaling.runtime import checkpoint
 from scaling.runtime.workdir import write_config
 
 TOKENIZER_FILE = "tokenizer.json"  # a Hugging Face directory's tokenizer
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"  # its special tokens and chat template
 DEFAULT_SHARD_BYTES = 4 << 30
 
 
@@ -78,6 +79,9 @@ def import_checkpoint(config: ml_collections.ConfigDict, workdir: Path, source: 
         write_config(config, Path(workdir))
         if tokenizer is not None:
             save_tokenizer(tokenizer, Path(workdir) / TOKENIZER_DIR)
+            template = directory / HF_TOKENIZER_CONFIG  # the chat template serving renders
+            if template.is_file():
+                shutil.copyfile(template, Path(workdir) / TOKENIZER_DIR / HF_TOKENIZER_CONFIG)
     count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
     return (f"imported {count:,} params from {directory} into {manager.directory / '0'}"
             + ("" if tokenizer else f" (no {TOKENIZER_FILE} there, so no tokenizer)"))

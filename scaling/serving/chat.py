@@ -20,7 +20,7 @@ from pathlib import Path
 
 from scaling.errors import UserError
 
-HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"  # what --mode=import_hf keeps beside the tokenizer
 
 
 def plain(messages: list[dict]) -> str:

@@ -54,14 +54,17 @@ class LanguageModelService:
         """The token ids of the prompt, begin-of-document first where the vocabulary has one
         (as in training and `--mode=sample`); refused when it leaves no room to generate."""
         prompt = parsed.prompt
+        encode = self.tokenizer.encode
         if parsed.chat:
             try:
                 prompt = self.chat.render(prompt)
             except ValueError as e:
                 raise openai_api.ApiError(400, str(e), "messages") from None
+            if self.chat.kind == "model":  # its special pieces are tokens, not text
+                encode = getattr(self.tokenizer, "encode_template", encode)
         if isinstance(prompt, str):
             bos = self.tokenizer.bos_id
-            ids = [int(t) for t in self.tokenizer.encode(prompt)]
+            ids = [int(t) for t in encode(prompt)]
             if bos is not None and not (ids and ids[0] == bos):
                 ids = [bos, *ids]
         else:
