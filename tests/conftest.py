@@ -16,7 +16,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures"
+# The one dataset the tests read from outside the repository, a Debian package that CI installs;
+# `fashion_mnist_available` skips without it. tests/test_repo_paths.py keeps it the only one.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# The first 256 KB of tiny Shakespeare, committed, so the language-model tests run on any clone.
+SHAKESPEARE_DIR = FIXTURES / "tiny_shakespeare"
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -63,15 +68,13 @@ def fashion_mnist_available() -> None:
         pytest.skip("needs apt-get install dataset-fashion-mnist")
 
 
-SHAKESPEARE_DIR = REPO.parent / "shared" / "datasets" / "tiny_shakespeare"
-
-
 @pytest.fixture(scope="session")
 def shakespeare_dir() -> Path:
-    if not (SHAKESPEARE_DIR / "input.txt").exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"CI expects tiny Shakespeare at {SHAKESPEARE_DIR}")
-        pytest.skip("tiny Shakespeare is not next to the repository")
+    """The directory holding the tests' text corpus, `input.txt`: every test that reads text
+    gets it here."""
+    if not (SHAKESPEARE_DIR / "input.txt").is_file():
+        pytest.fail(f"{SHAKESPEARE_DIR / 'input.txt'} is part of the repository; restore it "
+                    "with git checkout")
     return SHAKESPEARE_DIR
 
 

@@ -64,7 +64,7 @@ def run_all(engine, requests):
 
 
 def reference(model_and_params, prompt, num_new):
-    """`--mode=sample`'s greedy tokens (its dense KV cache, one prompt at a time)."""
+    """`--mode=sample`'s greedy tokens (one prompt at a time)."""
     model, params = model_and_params
     out = sample.generate(model, params, jnp.asarray([prompt], jnp.int32),
                           jax.random.PRNGKey(0), jnp.asarray(0), num_new=num_new,
@@ -107,9 +107,33 @@ def prompts():
 @pytest.fixture(scope="module")
 def references(model_and_params, prompts):
     tokens = recomputed(model_and_params, prompts, MAX_TOKENS)
-    for i in (0, 7):  # and the dense cache of --mode=sample agrees
+    for i in (0, 7):  # and --mode=sample agrees
         assert reference(model_and_params, prompts[i], MAX_TOKENS[i]) == tokens[i]
     return tokens
+
+
+def test_32_concurrent_prompts_of_1_to_2000_tokens_give_the_uncached_tokens():
+    """Long prompts prefilled in chunks beside running streams: every request's greedy
+    tokens equal the model's without any cache."""
+    import dataclasses
+
+    config = dataclasses.replace(CONFIG, max_seq_len=2048, num_layers=1)
+    model = Transformer(config)
+    params = model.init(jax.random.PRNGKey(5), jnp.zeros((1, 4), jnp.int32))["params"]
+    rng = np.random.default_rng(7)
+    lengths = np.linspace(1, 2000, 32).astype(int)
+    prompts = [rng.integers(0, 256, n).tolist() for n in lengths]
+    max_tokens = [int(m) for m in rng.integers(1, 9, 32)]
+    engine = make((model, params), warm_up=False, max_num_seqs=8, kv_block_size=16,
+                  prefill_chunk=256)
+    engine.start()
+    try:
+        tokens, _ = run_all(engine, [(p, greedy(m)) for p, m in
+                                     zip(prompts, max_tokens, strict=True)])
+    finally:
+        engine.stop()
+    assert tokens == recomputed((model, params), prompts, max_tokens)
+    assert engine.pool.in_use == 0
 
 
 @pytest.mark.parametrize("options", [
@@ -277,7 +301,7 @@ def test_a_sharded_engine_gives_one_devices_tokens(mesh):
                                     engine_lib.EngineOptions(max_num_seqs=4, kv_block_size=8,
                                                              prefill_chunk=16), warm_up=False)
     pool = jax.tree.leaves(engine.programs.cache)[0]
-    assert pool.sharding.shard_shape(pool.shape)[3] == SHARDED.num_kv_heads // mesh["tensor"]
+    assert pool.sharding.shard_shape(pool.shape)[0] == SHARDED.num_kv_heads // mesh["tensor"]
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, 256, n).tolist() for n in (3, 20, 9, 33, 1)]
     max_tokens = [12, 7, 20, 9, 15]
@@ -288,3 +312,30 @@ def test_a_sharded_engine_gives_one_devices_tokens(mesh):
     finally:
         engine.stop()
     assert tokens == recomputed((model, nn.meta.unbox(boxed)), prompts, max_tokens)
+
+
+def test_an_int8_cache_takes_under_a_third_of_the_bytes_and_keeps_the_greedy_tokens(
+        model_and_params, prompts, references):
+    float_engine = make(model_and_params, warm_up=False, max_num_seqs=4, kv_block_size=8)
+    engine = make(model_and_params, warm_up=False, max_num_seqs=4, kv_block_size=8,
+                  kv_cache_dtype="int8")
+    # Head width 16: 16 int8 bytes and a 4-byte scale per vector, against 64 float32 bytes.
+    assert engine.programs.cache_bytes / float_engine.programs.cache_bytes == \
+        pytest.approx(20 / 64, rel=1e-6)
+    engine.start()
+    try:
+        tokens, _ = run_all(engine, [(p, greedy(m)) for p, m in
+                                     zip(prompts, MAX_TOKENS, strict=True)])
+    finally:
+        engine.stop()
+    # Rounding can flip a near-tie, after which a sequence diverges: count the tokens up to
+    # each sequence's first difference.
+    agreed = sum(next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b),
+                      len(want))
+                 for got, want in zip(tokens, references, strict=True))
+    assert agreed / sum(MAX_TOKENS) >= 0.9
+
+
+def test_an_unknown_cache_dtype_names_the_flag(model_and_params):
+    with pytest.raises(UserError, match="--kv_cache_dtype=fp4"):
+        make(model_and_params, warm_up=False, kv_cache_dtype="fp4")

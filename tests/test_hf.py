@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, SHAKESPEARE_DIR, run_cli
 from test_cli import assert_user_error
 
 from scaling.config import experiments as config_lib
@@ -56,7 +56,7 @@ def write_experiment(directory: Path, family: str, learning_rate: float = 1e-3,
                      **model) -> Path:
     path = directory / f"{family}_tiny.py"
     text = EXPERIMENT.format(tokenizer=FIXTURES / family / "tokenizer.json",
-                             shakespeare=REPO.parent / "shared" / "datasets" / "tiny_shakespeare",
+                             shakespeare=SHAKESPEARE_DIR,
                              model=repr({**fields_of(family), **model}),
                              learning_rate=learning_rate)
     path.write_text(text)
@@ -109,7 +109,7 @@ def test_hub_style_rope_scaling_reads_as_transformers_5_style(tmp_path):
     assert fields_of("llama31")["rope_original_max_len"] == 16
 
 
-def test_import_sample_export_and_reimport_round_trip_bitwise(tmp_path, shakespeare_dir):
+def test_import_sample_export_and_reimport_round_trip_bitwise(tmp_path):
     """Through the command line: import the sharded Llama fixture, sample its greedy
     continuation with its own tokenizer, export it, and import the export again."""
     experiment = write_experiment(tmp_path, "llama")
@@ -311,8 +311,7 @@ def test_a_padded_vocabulary_imports_with_zero_rows(tmp_path):
     np.testing.assert_allclose(np.asarray(logits[:, :128]), want, atol=1e-4 * np.abs(want).max())
 
 
-def test_init_from_starts_training_from_a_checkpoint_and_a_hf_directory(tmp_path,
-                                                                        shakespeare_dir):
+def test_init_from_starts_training_from_a_checkpoint_and_a_hf_directory(tmp_path):
     """A fresh run with init_from holds the source's params at step 0 and a fresh optimizer;
     with a zero learning rate its checkpoint still holds them bitwise after two steps."""
     experiment = write_experiment(tmp_path, "llama31", learning_rate=0.0)

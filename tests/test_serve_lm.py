@@ -234,3 +234,42 @@ def test_an_imported_chat_template_renders_and_its_special_pieces_are_tokens(tmp
     assert tokenizer.bos_id not in tokenizer.encode(text).tolist()  # as a document: plain text
     assert ChatTemplate(tmp_path / "absent").render([{"role": "user", "content": "hi"}]) == \
         "user: hi\nassistant:"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_an_imported_hugging_face_model_serves_transformers_greedy_tokens(tmp_path, family):
+    """Through `--mode=import_hf` and the server: the fixture's greedy continuation, as
+    transformers made it (tests/fixtures/hf/make_fixtures.py), token for token."""
+    from conftest import run_cli
+    from test_hf import FIXTURES, write_experiment
+
+    experiment = write_experiment(tmp_path, family)
+    workdir = tmp_path / "imported"
+    result = run_cli(f"--experiment={experiment}", "--mode=import_hf",
+                     f"--source={FIXTURES / family}", f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = json.loads((FIXTURES / family / "reference.json").read_text())
+    running = ServeProcess(tmp_path, f"--workdir={workdir}", f"--experiment={experiment}",
+                           "--max_num_seqs=2", "--kv_block_size=4", "--prefill_chunk=8")
+    try:
+        status, body = running.request("POST", "/v1/completions", {
+            "model": body_model(running), "prompt": reference["input_ids"],
+            "max_tokens": len(reference["greedy"]), "temperature": 0, "ignore_eos": True,
+            "logprobs": 0})
+    finally:
+        assert running.stop() == 0
+    assert status == 200, body
+    from scaling.data.tokenizer import HuggingFaceTokenizer
+
+    tokenizer = HuggingFaceTokenizer(str(FIXTURES / family / "tokenizer.json"))
+    pieces = body["choices"][0]["logprobs"]["tokens"]
+    assert pieces == [tokenizer.decode([token]) for token in reference["greedy"]]
+    assert body["choices"][0]["text"] == tokenizer.decode(reference["greedy"])
+    assert body["usage"]["prompt_tokens"] == len(reference["input_ids"])
+
+
+def body_model(running) -> str:
+    """The one model name the server answers to."""
+    status, models = running.request("GET", "/v1/models")
+    assert status == 200
+    return models["data"][0]["id"]

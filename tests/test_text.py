@@ -40,16 +40,24 @@ def shakespeare_config(shakespeare_dir, tmp_path, *overrides):
         "data.eval_splits=validation,test", *overrides])[0]
 
 
+def split_lengths(shakespeare_dir) -> tuple[str, int, int]:
+    """The corpus, and the characters in its train and validation splits (90%, then 5%)."""
+    corpus = (shakespeare_dir / "input.txt").read_text()
+    train = int(len(corpus) * 0.9)
+    return corpus, train, int((len(corpus) - train) * 0.5)
+
+
 def test_tiny_shakespeare_through_the_prepared_corpus(shakespeare_dir, tmp_path):
+    corpus, train, validation = split_lengths(shakespeare_dir)
     data = text.load_text_corpus(shakespeare_config(shakespeare_dir, tmp_path))
-    assert data.tokenizer.vocab_size == 65 + 1           # the characters and the EOS id
-    assert data.num_train == (1003854 + 1 - 1) // 128    # the split's text and its EOS
+    assert data.tokenizer.vocab_size == len(set(corpus)) + 1  # the characters and the EOS id
+    assert data.num_train == (train + 1 - 1) // 128           # the split's text and its EOS
     first = data.train_sources[0].read(np.array([0]))["tokens"][0]
     assert first.shape == (129,) and data.tokenizer.decode(first[:14]) == "First Citizen:"
-    assert data.eval_size("validation") == -(-55770 // 128)
+    assert data.eval_size("validation") == -(-validation // 128)
     weights = sum(float(data.eval_rows("validation", np.arange(i, i + 1))["weights"].sum())
                   for i in range(data.eval_size("validation")))
-    assert weights == 55770  # every target of the split once: its text, then its EOS
+    assert weights == validation  # every target of the split once: its text, then its EOS
 
 
 def test_missing_text_lists_the_options(tmp_path):
@@ -72,7 +80,7 @@ def test_sentencepiece_model_file_tokenizes_the_corpus(tmp_path, shakespeare_dir
     window = data.train_sources[0].read(np.arange(data.num_train))["tokens"]
     assert window.max() < 300
     # Subword pieces pack several characters per token.
-    assert data.num_train * 64 < 1003854 / 2
+    assert data.num_train * 64 < split_lengths(shakespeare_dir)[1] / 2
     assert data.tokenizer.decode(data.tokenizer.encode("ROMEO: hello")) == "ROMEO: hello"
     assert set(data.eval_splits) == {"validation", "test"}
 

@@ -12,12 +12,14 @@ import math
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from scaling.data.tokenizer import Tokenizer
 from scaling.engine.programs import Layout, Programs
 from scaling.engine.requests import Event, Request, SamplingParams, TokenLogprob
 from scaling.engine.scheduler import Engine, QueueFull
 from scaling.errors import UserError
+from scaling.models.transformer import unrolled
 from scaling.sharding import mesh as mesh_lib
 
 __all__ = ["Engine", "EngineOptions", "Event", "QueueFull", "Request", "SamplingParams",
@@ -32,6 +34,7 @@ class EngineOptions:
     kv_cache_gib: float = 0.0  # the pool's size; 0 with num_kv_blocks 0: every slot's context
     prefill_chunk: int = 512  # prompt tokens computed per prefill step
     max_queue: int = 1024  # waiting requests beyond this are refused
+    kv_cache_dtype: str = "auto"  # auto: the model's compute dtype; int8: scaled int8
 
 
 def serving_model(model: nn.Module) -> nn.Module:
@@ -40,10 +43,14 @@ def serving_model(model: nn.Module) -> nn.Module:
     return type(model)(config)
 
 
-def block_bytes(model_config, block_size: int) -> int:
-    """Bytes of one cache block: keys and values of every layer."""
+KV_CACHE_DTYPES = ("auto", "int8")
+
+
+def block_bytes(model_config, block_size: int, kv_int8: bool = False) -> int:
+    """Bytes of one cache block: keys and values of every layer (and their scales)."""
     c = model_config
-    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * c.dtype.itemsize
+    per_vector = c.head_dim + 4 if kv_int8 else c.head_dim * jnp.dtype(c.dtype).itemsize
+    return 2 * c.num_layers * block_size * c.num_kv_heads * per_vector
 
 
 def make_layout(model_config, options: EngineOptions, data_parallel: int) -> Layout:
@@ -52,6 +59,10 @@ def make_layout(model_config, options: EngineOptions, data_parallel: int) -> Lay
     for name in ("max_num_seqs", "kv_block_size", "prefill_chunk", "max_queue"):
         if getattr(options, name) < 1:
             raise UserError(f"--{name}={getattr(options, name)}: must be at least 1")
+    if options.kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise UserError(f"--kv_cache_dtype={options.kv_cache_dtype}: must be one of "
+                        f"{', '.join(KV_CACHE_DTYPES)}")
+    kv_int8 = options.kv_cache_dtype == "int8"
     if options.num_kv_blocks < 0 or options.kv_cache_gib < 0:
         raise UserError("--num_kv_blocks and --kv_cache_gib must not be negative")
     if options.max_num_seqs % data_parallel:
@@ -61,7 +72,8 @@ def make_layout(model_config, options: EngineOptions, data_parallel: int) -> Lay
     if options.num_kv_blocks:
         num_blocks = options.num_kv_blocks
     elif options.kv_cache_gib:
-        num_blocks = int(options.kv_cache_gib * 2**30 // block_bytes(c, options.kv_block_size))
+        num_blocks = int(options.kv_cache_gib * 2**30
+                         // block_bytes(c, options.kv_block_size, kv_int8))
     else:
         num_blocks = options.max_num_seqs * per_seq
     if num_blocks < per_seq:
@@ -71,13 +83,13 @@ def make_layout(model_config, options: EngineOptions, data_parallel: int) -> Lay
     return Layout(num_blocks=num_blocks, block_size=options.kv_block_size,
                   max_num_seqs=options.max_num_seqs, prefill_rows=data_parallel,
                   prefill_chunk=min(options.prefill_chunk, c.max_seq_len),
-                  max_seq_len=c.max_seq_len)
+                  max_seq_len=c.max_seq_len, kv_int8=kv_int8)
 
 
 def make_engine(model: nn.Module, params, mesh: jax.sharding.Mesh, rules: tuple,
                 tokenizer: Tokenizer, options: EngineOptions, warm_up: bool = True) -> Engine:
     """An engine over `params` (on `mesh`, without adapters), compiled and not yet started."""
-    model = serving_model(model)
+    model, params = unrolled(serving_model(model), params)
     layout = make_layout(model.config, options, mesh_lib.data_parallel_size(mesh, rules))
     programs = Programs(model, params, mesh, rules, layout, vocab_limit=tokenizer.vocab_size)
     engine = Engine(programs, tokenizer, options.max_queue)

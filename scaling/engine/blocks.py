@@ -39,6 +39,7 @@ class BlockPool:
         self._key_of: dict[int, bytes] = {}
         self._block_of: dict[bytes, int] = {}
         self.hits = 0  # prompt blocks found in the prefix cache
+        self.peak_in_use = 0  # the most blocks held at once so far
         self.queries = 0  # prompt blocks looked up
 
     @property
@@ -61,6 +62,7 @@ class BlockPool:
         else:
             raise RuntimeError("no free KV cache block: the scheduler reserves them first")
         self._refs[block] = 1
+        self.peak_in_use = max(self.peak_in_use, self.in_use)
         return block
 
     def release(self, blocks: Sequence[int]) -> None:

@@ -2,9 +2,10 @@
 
 Both run the model on new tokens against the pool (`scaling.models.paged`), and a third
 program chooses one next token per row from the logits (`scaling.engine.sampling`); prefill
-and decode differ in shape. Decode runs every slot, one
-token each: (max_num_seqs, 1). Prefill runs a chunk of a prompt for as many sequences as
-there are data-parallel replicas, one row each, so that every replica has work: (rows, L).
+and decode differ in shape. Decode runs every decoding sequence, one token each: (rows, 1),
+rows bucketed by powers of four up to `max_num_seqs`. Prefill runs a chunk of a prompt for
+as many sequences as there are data-parallel replicas, one row each, so that every replica
+has work: (rows, L).
 
 Shapes are bucketed so that a handful of programs serve every request, all compiled at
 warm-up: prompt chunks are padded up to a power of two (at most `prefill_chunk`), and block
@@ -62,10 +63,16 @@ class Layout:
     prefill_rows: int
     prefill_chunk: int
     max_seq_len: int
+    kv_int8: bool = False  # the pool holds int8 keys and values with per-vector scales
 
     @property
     def max_blocks_per_seq(self) -> int:
         return math.ceil(self.max_seq_len / self.block_size)
+
+    @property
+    def decode_rows(self) -> tuple[int, ...]:
+        """Row counts of the decode step: each a multiple of the data-parallel size."""
+        return buckets(self.max_num_seqs, start=self.prefill_rows, growth=4)
 
     @property
     def decode_widths(self) -> tuple[int, ...]:
@@ -91,6 +98,45 @@ def _forward(model: nn.Module, params, cache, tokens_BL: jax.Array, batch: paged
     return logits_B1V[:, 0], variables["cache"]
 
 
+def uses_tpu_kernel(model: nn.Module, mesh: jax.sharding.Mesh) -> bool:
+    """Whether decode steps attend through the Pallas paged-attention kernel: on TPU, where
+    the head width allows it. Prompt chunks, and other platforms, use the gather form."""
+    return mesh_lib.platform(mesh) == "tpu" and model.config.head_dim % 128 == 0
+
+
+def empty_batch(layout: Layout, rows: int, length: int, width: int,
+                tpu_kernel: bool) -> paged.PagedBatch:
+    """A batch that writes nothing and reads block 0: the padding of every step."""
+    return paged.PagedBatch(
+        positions_BL=np.zeros((rows, length), np.int32),
+        slots_BL=np.full((rows, length), layout.dropped_slot, np.int32),
+        block_table_BM=np.zeros((rows, width), np.int32),
+        logit_index_B=np.zeros((rows,), np.int32),
+        num_blocks=layout.num_blocks, block_size=layout.block_size,
+        tpu_kernel=tpu_kernel and length == 1, kv_int8=layout.kv_int8)
+
+
+def cache_layout(model: nn.Module, mesh: jax.sharding.Mesh, rules: tuple, layout: Layout):
+    """The pools' shardings and abstract arrays, from an abstract init of the model."""
+    batch = empty_batch(layout, 1, 1, 1, tpu_kernel=False)
+    boxed = jax.eval_shape(lambda: model.init(
+        jax.random.key(0), jnp.zeros((1, 1), jnp.int32), paged_batch=batch)["cache"])
+    return mesh_lib.logical_shardings(boxed, mesh, rules), nn.meta.unbox(boxed)
+
+
+def step_lowering(model: nn.Module, mesh: jax.sharding.Mesh, rules: tuple, param_shardings,
+                  cache_shardings):
+    """`lower(params, cache, tokens_BL, batch)` of the forward step, the pool donated; the
+    arguments may be arrays or shape structs (an ahead-of-time compile for another slice)."""
+    replicated = mesh_lib.replicated(mesh)
+    rows = mesh_lib.batch_sharding(mesh, rules)
+    forward = jax.jit(
+        functools.partial(_forward, model), donate_argnums=(1,),
+        in_shardings=(param_shardings, cache_shardings, rows, replicated),
+        out_shardings=(replicated, cache_shardings))
+    return mesh_lib.with_mesh_rules(forward.lower, mesh, rules)
+
+
 class Programs:
     """The pool on the devices and the compiled steps that read and write it."""
 
@@ -101,19 +147,17 @@ class Programs:
         self.mesh = mesh
         self.rules = rules
         self.layout = layout
-        cache_shardings, abstract = self._cache_layout()
+        self.tpu_decode_kernel = uses_tpu_kernel(model, mesh)
+        cache_shardings, abstract = cache_layout(model, mesh, rules, layout)
         self.cache_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(abstract))
+        self.block_bytes = self.cache_bytes // layout.num_blocks
         self.cache = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
                                                   abstract),
                              out_shardings=cache_shardings)()
         param_shardings = jax.tree.map(lambda leaf: leaf.sharding, params)
+        self._lower_forward = step_lowering(model, mesh, rules, param_shardings,
+                                            cache_shardings)
         replicated = mesh_lib.replicated(mesh)
-        rows = mesh_lib.batch_sharding(mesh, rules)
-        forward = jax.jit(
-            functools.partial(_forward, model), donate_argnums=(1,),
-            in_shardings=(param_shardings, cache_shardings, rows, replicated),
-            out_shardings=(replicated, cache_shardings))
-        self._lower_forward = mesh_lib.with_mesh_rules(forward.lower, mesh, rules)
         # Sampling depends only on the rows and the vocabulary: compiled once per row count,
         # not once per bucket (its random draws take longer to compile than a small model).
         self._choose = jax.jit(functools.partial(sampling.choose, vocab_limit=vocab_limit),
@@ -122,23 +166,8 @@ class Programs:
         self._compiled_choose: dict[int, Any] = {}
         self.compiles = 0  # programs compiled so far, warm-up included
 
-    def _cache_layout(self):
-        """The pools' shardings and abstract arrays, from an abstract init of the model."""
-        batch = self.empty_batch(1, 1, 1)
-        boxed = jax.eval_shape(lambda: self.model.init(
-            jax.random.key(0), jnp.zeros((1, 1), jnp.int32), paged_batch=batch)["cache"])
-        shardings = mesh_lib.logical_shardings(boxed, self.mesh, self.rules)
-        return shardings, nn.meta.unbox(boxed)
-
     def empty_batch(self, rows: int, length: int, width: int) -> paged.PagedBatch:
-        """A batch that writes nothing and reads block 0: the padding of every step."""
-        layout = self.layout
-        return paged.PagedBatch(
-            positions_BL=np.zeros((rows, length), np.int32),
-            slots_BL=np.full((rows, length), layout.dropped_slot, np.int32),
-            block_table_BM=np.zeros((rows, width), np.int32),
-            logit_index_B=np.zeros((rows,), np.int32),
-            num_blocks=layout.num_blocks, block_size=layout.block_size)
+        return empty_batch(self.layout, rows, length, width, self.tpu_decode_kernel)
 
     @staticmethod
     def greedy_settings(rows: int) -> sampling.RowSettings:
@@ -150,7 +179,8 @@ class Programs:
     def shapes(self) -> list[tuple[int, int, int]]:
         """Every (rows, length, table width) the engine runs."""
         layout = self.layout
-        decode = [(layout.max_num_seqs, 1, width) for width in layout.decode_widths]
+        decode = [(rows, 1, width) for rows in layout.decode_rows
+                  for width in layout.decode_widths]
         prefill = [(layout.prefill_rows, length, width) for length in layout.prefill_lengths
                    for width in layout.prefill_widths]
         return decode + prefill

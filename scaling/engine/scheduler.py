@@ -1,9 +1,9 @@
 """The engine: a queue, decode slots, and a loop that keeps every slot busy.
 
-Continuous batching: `max_num_seqs` slots decode together, one token each per step. A request
-waits in the queue until a slot and enough cache blocks are free, is prefilled, and joins the
-decode batch at the next step; it leaves the moment it stops, and the next waiting request
-takes its slot. Nothing waits for the batch's slowest member.
+Continuous batching: up to `max_num_seqs` sequences decode together, one token each a step.
+A request waits in the queue until a slot and enough cache blocks are free, is prefilled,
+and joins the decode batch at the next step; it leaves the moment it stops, and the next
+waiting request takes its slot. Nothing waits for the batch's slowest member.
 
 Chunked prefill: a prompt is computed `prefill_chunk` tokens at a time, and the loop
 alternates one chunk with one decode step, so a long prompt delays the running streams by one
@@ -81,7 +81,7 @@ class Engine:
         self._aborted: set[str] = set()
         self._wake = threading.Condition()
         self._prefilling: list[Sequence] = []
-        self._slots: list[Sequence | None] = [None] * self.layout.max_num_seqs
+        self._decoding: list[Sequence] = []  # at most max_num_seqs, prefilling included
         self._promised = 0  # blocks promised to admitted sequences and not yet taken
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -121,7 +121,7 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self._prefilling) + sum(s is not None for s in self._slots)
+        return len(self._prefilling) + len(self._decoding)
 
     # --- the loop -----------------------------------------------------------------------
 
@@ -138,7 +138,7 @@ class Engine:
                 self._admit()
                 if self._prefilling:
                     self._prefill_chunk()
-                if any(s is not None for s in self._slots):
+                if self._decoding:
                     self._decode_step()
             except Exception:  # noqa: BLE001 - the server must outlive one bad step
                 self._fail_running()
@@ -149,7 +149,7 @@ class Engine:
         self.stats.step_errors += 1
         print(f"error: an engine step failed; its {self.running} requests end with "
               f"finish_reason=error\n{traceback.format_exc()}", file=sys.stderr, flush=True)
-        for seq in [*self._prefilling, *self._slots]:
+        for seq in [*self._prefilling, *self._decoding]:
             if seq is not None:
                 try:
                     self._finish(seq, "error")
@@ -165,12 +165,12 @@ class Engine:
                 if request.request_id in aborted:
                     request.on_event(Event(request.request_id, "", (), finish_reason="abort"))
             self._waiting = collections.deque(kept)
-        for seq in [*self._prefilling, *self._slots]:
-            if seq is not None and seq.request.request_id in aborted:
+        for seq in [*self._prefilling, *self._decoding]:
+            if seq.request.request_id in aborted:
                 self._finish(seq, "abort")
 
     def _free_slots(self) -> int:
-        return sum(s is None for s in self._slots) - len(self._prefilling)
+        return self.layout.max_num_seqs - len(self._decoding) - len(self._prefilling)
 
     def _admit(self) -> None:
         """Moves waiting requests, oldest first, into prefill while slots and blocks last."""
@@ -267,24 +267,24 @@ class Engine:
             self._register_full_blocks(seq)
             if not seq.prefilling:
                 self._prefilling.remove(seq)
-                slot = self._slots.index(None)
-                self._slots[slot] = seq
+                self._decoding.append(seq)
                 self.stats.time_to_first_token.observe(time.monotonic() - seq.request.arrival)
                 self._accept(seq, choice, i)
 
     def _decode_step(self) -> None:
+        """One token for every decoding sequence. They sit in the first rows of the smallest
+        compiled row count that holds them: a row is not tied to a sequence (the cache is
+        reached through block tables), so a lone stream runs a one-row step."""
         layout = self.layout
-        rows = self._slots
-        for seq in rows:
-            if seq is not None:
-                self._grow(seq, len(seq.tokens))
-        width = programs_lib.bucket(max(len(s.blocks) for s in rows if s is not None),
-                                    layout.decode_widths)
-        batch = self.programs.empty_batch(layout.max_num_seqs, 1, width)
-        tokens = np.zeros((layout.max_num_seqs, 1), np.int32)
-        for i, seq in enumerate(rows):
-            if seq is None:
-                continue
+        running = list(self._decoding)
+        for seq in running:
+            self._grow(seq, len(seq.tokens))
+        width = programs_lib.bucket(max(len(s.blocks) for s in running), layout.decode_widths)
+        num_rows = programs_lib.bucket(len(running), layout.decode_rows)
+        rows: list[Sequence | None] = running + [None] * (num_rows - len(running))
+        batch = self.programs.empty_batch(num_rows, 1, width)
+        tokens = np.zeros((num_rows, 1), np.int32)
+        for i, seq in enumerate(running):
             position = len(seq.tokens) - 1
             positions, slots, table = self._row(seq, position, position + 1, width)
             tokens[i, 0] = seq.tokens[-1]
@@ -294,9 +294,7 @@ class Engine:
         choice = self.programs.run(tokens, batch, self._settings(rows))
         self.steps += 1
         self.stats.decode_steps += 1
-        for i, seq in enumerate(list(rows)):
-            if seq is None:
-                continue
+        for i, seq in enumerate(running):
             seq.computed = len(seq.tokens)
             self._register_full_blocks(seq)
             now = time.monotonic()
@@ -337,8 +335,8 @@ class Engine:
                 logprobs: tuple[TokenLogprob, ...] = ()) -> None:
         if seq in self._prefilling:
             self._prefilling.remove(seq)
-        if seq in self._slots:
-            self._slots[self._slots.index(seq)] = None
+        if seq in self._decoding:
+            self._decoding.remove(seq)
         self.pool.release(seq.blocks)
         self._promised -= seq.need - len(seq.blocks)
         seq.blocks = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import sys
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from scaling.data.preprocess import LANGUAGE_TASKS
 from scaling.data.tokenizer import TOKENIZER_DIR, Tokenizer, load_tokenizer
 from scaling.errors import UserError
 from scaling.inference import restore
+from scaling.models import paged
+from scaling.models.transformer import unrolled
 from scaling.runtime import checkpoint
 
 
@@ -60,28 +63,70 @@ def sample_token(logits_BV: jax.Array, rng: jax.Array, temperature: float, top_k
     return jax.random.categorical(rng, logits_BV / temperature).astype(jnp.int32)
 
 
+BLOCK_SIZE = 16  # positions per block of the paged cache
+
+
+def _paged_batch(table_BM: jax.Array, positions_BL: jax.Array, width: int,
+                 num_blocks: int) -> paged.PagedBatch:
+    """The tokens at `positions_BL` of every row, read through the first `width` blocks of
+    its table."""
+    P = BLOCK_SIZE
+    blocks_BL = jnp.take_along_axis(table_BM, positions_BL // P, axis=1)
+    return paged.PagedBatch(positions_BL=positions_BL, slots_BL=blocks_BL * P + positions_BL % P,
+                            block_table_BM=table_BM[:, :width],
+                            logit_index_B=jnp.full(positions_BL.shape[:1],
+                                                   positions_BL.shape[1] - 1, jnp.int32),
+                            num_blocks=num_blocks, block_size=P)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "num_new", "temperature", "top_k",
                                              "vocab_limit"))
 def generate(model, params, prompt_BL: jax.Array, rng: jax.Array, first_index: jax.Array, *,
              num_new: int, temperature: float, top_k: int, vocab_limit: int) -> jax.Array:
-    """`num_new` tokens after the prompt; `first_index` numbers them for the rng."""
-    from scaling.models.transformer import init_cache
+    """`num_new` tokens after the prompt; `first_index` numbers them for the rng.
 
-    cache = init_cache(model, prompt_BL.shape[0])
-    logits_BLV, variables = model.apply({"params": params, "cache": cache}, prompt_BL,
-                                        decode=True, mutable=["cache"])
+    The cache is the serving engine's paged form (`scaling.models.paged`) with each row
+    owning the blocks for its prompt and new tokens, and decoding runs in stretches, one
+    compiled loop per power of two of blocks read: a step reads the keys written so far,
+    rounded up, never the whole context.
+    """
+    from scaling.engine.programs import buckets
+    from scaling.models.transformer import pool_variables
 
-    def step(carry, index):
-        cache, logits_BV = carry
-        token_B = sample_token(logits_BV, jax.random.fold_in(rng, index), temperature, top_k,
-                               vocab_limit)
-        logits_BLV, variables = model.apply({"params": params, "cache": cache},
-                                            token_B[:, None], decode=True, mutable=["cache"])
-        return (variables["cache"], logits_BLV[:, -1]), token_B
+    B, L = prompt_BL.shape
+    P = BLOCK_SIZE
+    per_row = math.ceil((L + num_new) / P)
+    table_BM = jnp.arange(B * per_row, dtype=jnp.int32).reshape(B, per_row)
+    cache = pool_variables(model.config, B * per_row, P)
 
-    _, tokens_NB = jax.lax.scan(step, (variables["cache"], logits_BLV[:, -1]),
-                                first_index + jnp.arange(num_new))
-    return tokens_NB.T
+    def forward(cache, tokens_BL, positions_BL, width):
+        batch = _paged_batch(table_BM, positions_BL, width, B * per_row)
+        logits_B1V, variables = model.apply({"params": params, "cache": cache}, tokens_BL,
+                                            paged_batch=batch, mutable=["cache"])
+        return variables["cache"], logits_B1V[:, 0]
+
+    widths = buckets(per_row)
+    positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    carry = forward(cache, prompt_BL, positions_BL, min(w for w in widths if w * P >= L))
+
+    def stretch(width):
+        def step(carry, index):
+            cache, logits_BV = carry
+            token_B = sample_token(logits_BV, jax.random.fold_in(rng, first_index + index),
+                                   temperature, top_k, vocab_limit)
+            position_B1 = jnp.full((B, 1), L + index, jnp.int32)
+            return forward(cache, token_B[:, None], position_B1, width), token_B
+        return step
+
+    pieces, done = [], 0
+    for width in widths:  # step i feeds position L + i, which needs (L + i) // P + 1 blocks
+        end = min(num_new, width * P - L)
+        if end > done:
+            carry, tokens_NB = jax.lax.scan(stretch(width), carry,
+                                            jnp.arange(done, end, dtype=jnp.int32))
+            pieces.append(tokens_NB)
+            done = end
+    return jnp.concatenate(pieces).T
 
 
 def sample_text(model, params, tokenizer, options: SampleOptions) -> str:
@@ -97,6 +142,7 @@ def sample_text(model, params, tokenizer, options: SampleOptions) -> str:
         raise UserError(f"--prompt: {len(tokens)} tokens, but the model's context is "
                         f"{context}; shorten the prompt")
     rng = jax.random.PRNGKey(options.seed)
+    model, params = unrolled(model, params)
     produced = 0
     while produced < options.max_new_tokens:
         window = tokens if produced == 0 else tokens[-(context // 2):]

@@ -175,6 +175,27 @@ def _context_kernel(L: int, H: int, seq_shards: int, block_sizes: splash.BlockSi
                                   head_shards=1, q_seq_shards=seq_shards, interpret=interpret)
 
 
+def batch_and_head_axes(mesh: Mesh | AbstractMesh, batch: int, heads: int, kv_heads: int,
+                        batch_axes: str | Sequence[str] | None,
+                        head_axes: str | Sequence[str] | None,
+                        kernel: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The mesh axes a kernel under `jax.shard_map` splits examples and heads over: those
+    given, or where None those the logical rules in scope give `batch` and `heads`; checked
+    to divide `batch` examples and both `heads` query and `kv_heads` key/value heads."""
+    logical = nn.logical_to_mesh_axes((BATCH, HEADS))
+    batch_axes = context.axis_names(logical[0] if batch_axes is None else batch_axes)
+    head_axes = context.axis_names(logical[1] if head_axes is None else head_axes)
+    batch_shards = math.prod(mesh.shape[a] for a in batch_axes)
+    head_shards = math.prod(mesh.shape[a] for a in head_axes)
+    if batch % batch_shards:
+        raise UserError(f"{kernel}: batch {batch} does not split over the mesh axes "
+                        f"{batch_axes} of {batch_shards} devices")
+    if heads % head_shards or kv_heads % head_shards:
+        raise UserError(f"{kernel}: {heads} query and {kv_heads} key/value heads must both "
+                        f"split over the mesh axes {head_axes} of {head_shards} devices")
+    return batch_axes, head_axes
+
+
 def sharded_splash_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: jax.Array,
                              segment_ids_BL: jax.Array | None = None,
                              kv_segment_ids_BS: jax.Array | None = None, *,
@@ -209,20 +230,9 @@ def sharded_splash_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: ja
     if mesh.empty:
         return splash_attention(q_BLHDh, k_BSKDh, v_BSKDh, segment_ids_BL,
                                 block_sizes=block_sizes, interpret=interpret)
-    logical = nn.logical_to_mesh_axes((BATCH, SEQ, HEADS))
-    batch_axes = context.axis_names(logical[0] if batch_axes is None else batch_axes)
-    head_axes = context.axis_names(logical[2] if head_axes is None else head_axes)
-    seq_axes = context.axis_names(logical[1]) if seq_shards > 1 else ()
-
-    K = k_BSKDh.shape[2]
-    batch_shards = math.prod(mesh.shape[a] for a in batch_axes)
-    head_shards = math.prod(mesh.shape[a] for a in head_axes)
-    if B % batch_shards:
-        raise UserError(f"splash attention: batch {B} does not split over the mesh axes "
-                        f"{batch_axes} of {batch_shards} devices")
-    if H % head_shards or K % head_shards:
-        raise UserError(f"splash attention: {H} query and {K} key/value heads must both split "
-                        f"over the mesh axes {head_axes} of {head_shards} devices")
+    batch_axes, head_axes = batch_and_head_axes(mesh, B, H, k_BSKDh.shape[2], batch_axes,
+                                                head_axes, "splash attention")
+    seq_axes = context.axis_names(nn.logical_to_mesh_axes((SEQ,))[0]) if seq_shards > 1 else ()
     if math.prod(mesh.shape[a] for a in seq_axes) != (seq_shards if seq_axes else 1):
         raise ValueError(f"seq_shards={seq_shards} is not the size of the sequence's mesh "
                          f"axes {seq_axes}")

@@ -398,7 +398,10 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array | None,
                  segment_ids_BL: jax.Array | None = None,
-                 paged_batch: paged.PagedBatch | None = None) -> jax.Array:
+                 paged_batch: paged.PagedBatch | None = None,
+                 pool: paged.Pool | None = None, layer=None):
+        """(B, L, D) outputs; with a paged batch, the outputs and the pool with this layer's
+        new keys and values written (`layer` numbers this layer in the pool)."""
         c = self.config
         B, L, D = x_BLD.shape
         H, K, Dh = c.num_heads, c.num_kv_heads, c.head_dim
@@ -428,8 +431,9 @@ class Attention(nn.Module):
         q_BLHDh = project(w_DHDh, "query")
         k_BLKDh, v_BLKDh = project(wk_DKDh, "key"), project(wv_DKDh, "value")
         if paged_batch is not None:
-            out_BLHDh = self._paged_attention(q_BLHDh, k_BLKDh, v_BLKDh, paged_batch)
-            return self._output(out_BLHDh, w_HDhD, flatten)
+            out_BLHDh, pool = self._paged_attention(q_BLHDh, k_BLKDh, v_BLKDh, paged_batch,
+                                                    pool, layer)
+            return self._output(out_BLHDh, w_HDhD, flatten), pool
 
         # Slots index the key/value sequence: causality compares slots, RoPE uses positions.
         cache = self._cache_variables(B) if self.decode else None
@@ -505,29 +509,23 @@ class Attention(nn.Module):
         return y_BLD
 
     def _paged_attention(self, q_BLHDh: jax.Array, k_BLKDh: jax.Array, v_BLKDh: jax.Array,
-                         batch: paged.PagedBatch) -> jax.Array:
+                         batch: paged.PagedBatch, pool: paged.Pool, layer):
         """Attention against a paged KV cache (`scaling.models.paged`): the new keys and
-        values are written into this layer's pool, then each row reads its blocks back."""
+        values are written into the pool at this layer's pages, then each row reads its
+        blocks back."""
         c = self.config
-        K, Dh = c.num_kv_heads, c.head_dim
-        initialized = self.has_variable("cache", "paged_key")
-        shape = (batch.num_blocks, batch.block_size, K, Dh)
-        zeros = nn.with_logical_partitioning(jnp.zeros, (None, None, HEADS, KV))
-        pools = (self.variable("cache", "paged_key", zeros, shape, c.dtype),
-                 self.variable("cache", "paged_value", zeros, shape, c.dtype))
         inv_freq = rope_frequencies(c)
         q_BLHDh = apply_rope(q_BLHDh, batch.positions_BL, inv_freq)
         k_BLKDh = apply_rope(k_BLKDh, batch.positions_BL, inv_freq)
-        if not initialized:  # the init that creates the pools: attend to the new tokens only
-            mask_BLS = causal_mask(jnp.arange(q_BLHDh.shape[1]), k_BLKDh.shape[1])
-            return grouped_einsum_attention(q_BLHDh, k_BLKDh, v_BLKDh, mask_BLS)
-        read = []
-        for pool, new_BLKDh in zip(pools, (k_BLKDh, v_BLKDh), strict=True):
-            pool.value = paged.write(pool.value, batch.slots_BL, new_BLKDh)
-            read.append(paged.gather(pool.value, batch.block_table_BM).astype(c.dtype))
-        k_BSKDh, v_BSKDh = read
-        mask_BLS = paged.visible(batch.positions_BL, k_BSKDh.shape[1])
-        return grouped_einsum_attention(q_BLHDh, k_BSKDh, v_BSKDh, mask_BLS)
+        pool = paged.write(pool, layer, batch, k_BLKDh, v_BLKDh)
+        if batch.tpu_kernel and not batch.kv_int8:
+            from scaling.models import tpu_paged_attention  # Pallas: TPU only
+
+            out_BHDh = tpu_paged_attention.paged_decode_attention(
+                q_BLHDh[:, 0], pool.key, pool.value, batch.positions_BL[:, 0] + 1,
+                layer * batch.num_blocks + batch.block_table_BM)
+            return out_BHDh[:, None], pool
+        return paged.attend(q_BLHDh, pool, layer, batch), pool
 
     def _cache_variables(self, B: int) -> _Cache:
         c = self.config
@@ -595,17 +593,23 @@ class Block(nn.Module):
     seq_shards: int = 1  # devices the sequence is split over (context parallelism)
 
     @nn.compact
-    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array | None,
-                 segment_ids_BL: jax.Array | None,
-                 paged_batch: paged.PagedBatch | None = None) -> tuple[jax.Array, None]:
+    def __call__(self, carry, positions_BL: jax.Array | None, segment_ids_BL: jax.Array | None,
+                 paged_batch: paged.PagedBatch | None = None, layer=None) -> tuple[Any, None]:
+        """The carry is the stream x_BLD, or (x_BLD, pool) with a paged batch: the pool
+        travels with the stream so each layer updates it in place."""
         names = (BATCH, SEQ, RESIDUAL)
+        x_BLD, pool = carry if paged_batch is not None else (carry, None)
         h_BLD = RMSNorm(self.config, name="attention_norm")(x_BLD)
         attention = Attention(self.config, self.decode, self.seq_shards, name="attention")
-        x_BLD = x_BLD + attention(h_BLD, positions_BL, segment_ids_BL, paged_batch)
-        x_BLD = constrain(x_BLD, names)
+        if paged_batch is not None:
+            y_BLD, pool = attention(h_BLD, positions_BL, segment_ids_BL, paged_batch, pool,
+                                    layer)
+        else:
+            y_BLD = attention(h_BLD, positions_BL, segment_ids_BL)
+        x_BLD = constrain(x_BLD + y_BLD, names)
         h_BLD = RMSNorm(self.config, name="mlp_norm")(x_BLD)
-        x_BLD = x_BLD + Mlp(self.config, self.seq_shards, name="mlp")(h_BLD)
-        return constrain(x_BLD, names), None
+        x_BLD = constrain(x_BLD + Mlp(self.config, self.seq_shards, name="mlp")(h_BLD), names)
+        return ((x_BLD, pool) if paged_batch is not None else x_BLD), None
 
 
 class Transformer(nn.Module):
@@ -668,18 +672,27 @@ class Transformer(nn.Module):
             # A rolled loop already stops XLA from merging the recomputation away.
             layer = nn.remat(Block, policy=policy,
                              prevent_cse=not c.scan_layers or unroll > 1)
+        pool = self._paged_pool(paged_batch) if paged_batch is not None else None
+        carry = x_BLD if pool is None else (x_BLD, jax.tree.map(
+            lambda variable: variable.value, pool, is_leaf=_is_variable))
         if c.scan_layers:
             stack = nn.scan(layer, variable_axes={"params": 0, "cache": 0},
                             split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                             length=c.num_layers, unroll=unroll,
                             metadata_params={nn.PARTITION_NAME: LAYERS})
-            x_BLD, _ = stack(c, decode, seq_shards, name="layers")(x_BLD, positions_BL,
-                                                                   segment_ids_BL, paged_batch)
+            layer_numbers = None if pool is None else jnp.arange(c.num_layers)
+            carry, _ = stack(c, decode, seq_shards, name="layers")(
+                carry, positions_BL, segment_ids_BL, paged_batch, layer_numbers)
         else:
             for i in range(c.num_layers):
-                x_BLD, _ = layer(c, decode, seq_shards, name=f"layers_{i}")(
-                    x_BLD, positions_BL, segment_ids_BL, paged_batch)
+                carry, _ = layer(c, decode, seq_shards, name=f"layers_{i}")(
+                    carry, positions_BL, segment_ids_BL, paged_batch, i)
+        x_BLD = carry
+        if pool is not None:
+            x_BLD, written = carry
+            jax.tree.map(lambda variable, value: setattr(variable, "value", value), pool,
+                         written, is_leaf=_is_variable)
 
         if paged_batch is not None:  # a serving step needs one token's logits per row
             x_BLD = jnp.take_along_axis(x_BLD, paged_batch.logit_index_B[:, None, None], axis=1)
@@ -698,6 +711,24 @@ class Transformer(nn.Module):
             logits_BLV = logits_BLV[:, context.inverse_order(L, seq_shards)]
         return constrain(logits_BLV, (BATCH, SEQ, VOCAB))
 
+
+    def _paged_pool(self, batch: paged.PagedBatch) -> paged.Pool:
+        """The paged KV cache of every layer, as variables at the top (see `paged`): a Pool
+        of the variables themselves, whose values the layers read and replace."""
+        c = self.config
+        shape = paged.pool_shape(c.num_layers, c.num_kv_heads, c.head_dim, batch.num_blocks,
+                                 batch.block_size)
+        names = (HEADS, None, None, KV)
+        zeros = nn.with_logical_partitioning(jnp.zeros, names)
+        ones = nn.with_logical_partitioning(jnp.ones, names)
+        dtype = jnp.int8 if batch.kv_int8 else c.dtype
+        fields = {name: self.variable("cache", f"paged_{name}", zeros, shape, dtype)
+                  for name in ("key", "value")}
+        if batch.kv_int8:
+            fields |= {f"{name}_scale": self.variable("cache", f"paged_{name}_scale", ones,
+                                                      (*shape[:3], 1), jnp.float32)
+                       for name in ("key", "value")}
+        return paged.Pool(**fields)
 
     def _projection(self, x_BLD: jax.Array, embedding_VD: jax.Array,
                     seq_shards: int) -> Projection:
@@ -728,6 +759,34 @@ def init_cache(model: Transformer, batch_size: int) -> dict:
     abstract = jax.eval_shape(
         lambda t: model.init(jax.random.key(0), t, decode=True)["cache"], tokens)
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.meta.unbox(abstract))
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nn.Variable)
+
+
+def unrolled(model: Transformer, params) -> tuple[Transformer, Any]:
+    """The model with its layers unrolled and its params split per layer, for decoding: a
+    scan over stacked layers slices (copies) each layer's weights out every step, which a
+    memory-bound decode step pays in full; unrolled, each layer reads its weights in place."""
+    c = model.config
+    if not c.scan_layers:
+        return model, params
+    params = nn.meta.unbox(params)  # the layer axis leaves the names with the slicing
+    stacked = params["layers"]
+    split = {f"layers_{i}": jax.tree.map(lambda a, i=i: a[i], stacked)
+             for i in range(c.num_layers)}
+    rest = {name: value for name, value in params.items() if name != "layers"}
+    return type(model)(dataclasses.replace(c, scan_layers=False)), {**rest, **split}
+
+
+def pool_variables(config: TransformerConfig, num_blocks: int, block_size: int) -> dict:
+    """An empty paged KV cache (`paged`) of `num_blocks` blocks, as the "cache" collection
+    that a step with a `paged_batch` applies with."""
+    shape = paged.pool_shape(config.num_layers, config.num_kv_heads, config.head_dim,
+                             num_blocks, block_size)
+    return {"paged_key": jnp.zeros(shape, config.dtype),
+            "paged_value": jnp.zeros(shape, config.dtype)}
 
 
 def flops_per_token(config: TransformerConfig, seq_len: int) -> float:

@@ -259,6 +259,10 @@ def prometheus_text(engine: Engine) -> str:
            [("", engine.pool.in_use)])
     metric("kv_blocks_total", "gauge", "KV cache blocks in the pool.",
            [("", engine.pool.num_blocks)])
+    metric("kv_blocks_peak", "gauge", "The most KV cache blocks held at once since start.",
+           [("", engine.pool.peak_in_use)])
+    metric("kv_block_bytes", "gauge", "Bytes of one KV cache block, every layer's keys and "
+           "values.", [("", engine.programs.block_bytes)])
     histogram("time_to_first_token_seconds", "From arrival to the first new token.",
               stats.time_to_first_token)
     histogram("inter_token_latency_seconds", "Between consecutive tokens of a request.",
