@@ -93,6 +93,7 @@ def generate(model, params, prompt_BL: jax.Array, rng: jax.Array, first_index: j
     from scaling.engine.programs import buckets
     from scaling.models.transformer import pool_variables
 
+    model, params = unrolled(model, params)  # sliced once a call, not once a step
     B, L = prompt_BL.shape
     P = BLOCK_SIZE
     per_row = math.ceil((L + num_new) / P)
@@ -142,7 +143,6 @@ def sample_text(model, params, tokenizer, options: SampleOptions) -> str:
         raise UserError(f"--prompt: {len(tokens)} tokens, but the model's context is "
                         f"{context}; shorten the prompt")
     rng = jax.random.PRNGKey(options.seed)
-    model, params = unrolled(model, params)
     produced = 0
     while produced < options.max_new_tokens:
         window = tokens if produced == 0 else tokens[-(context // 2):]
