@@ -229,7 +229,7 @@ def test_an_imported_chat_template_renders_and_its_special_pieces_are_tokens(tmp
     assert chat.kind == "model"
     assert text == "<|begin_of_text|>[user] hi<|end_of_text|>[assistant] "
     tokenizer = HuggingFaceTokenizer(str(REPO / "tests/fixtures/hf/llama/tokenizer.json"))
-    ids = tokenizer.encode_template(text).tolist()
+    ids = tokenizer.encode_prompt(text).tolist()
     assert ids[0] == tokenizer.bos_id and tokenizer.eos_id in ids
     assert tokenizer.bos_id not in tokenizer.encode(text).tolist()  # as a document: plain text
     assert ChatTemplate(tmp_path / "absent").render([{"role": "user", "content": "hi"}]) == \

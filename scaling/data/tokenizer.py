@@ -37,7 +37,11 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> np.ndarray: ...
 
-    def decode(self, ids) -> str: ...
+    def decode(self, ids, skip_special_tokens: bool = True) -> str: ...
+
+    def encode_prompt(self, text: str) -> np.ndarray: ...
+
+    def special_ids(self) -> frozenset[int]: ...
 
     def saved_form(self) -> tuple[dict, Path | None]: ...
 
@@ -47,7 +51,18 @@ def _without_specials(tokenizer: Tokenizer, ids) -> list[int]:
     return [int(i) for i in ids if int(i) not in specials]
 
 
-class CharTokenizer:
+class _NoSpecialPieces:
+    """For vocabularies whose only special ids are the boundaries added past the text's own:
+    a prompt is encoded as a document is, and those ids never have text."""
+
+    def encode_prompt(self, text: str) -> np.ndarray:
+        return self.encode(text)
+
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(i for i in (self.eos_id, self.bos_id) if i is not None)
+
+
+class CharTokenizer(_NoSpecialPieces):
     def __init__(self, corpus: str):
         self.chars = "".join(sorted(set(corpus)))
         self._ids = {c: i for i, c in enumerate(self.chars)}
@@ -62,14 +77,14 @@ class CharTokenizer:
                             "vocabulary of the training text")
         return np.fromiter((self._ids[c] for c in text), np.int32, len(text))
 
-    def decode(self, ids) -> str:
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return "".join(self.chars[i] for i in _without_specials(self, ids))
 
     def saved_form(self) -> tuple[dict, Path | None]:
         return {"kind": "char", "chars": self.chars}, None
 
 
-class ByteTokenizer:
+class ByteTokenizer(_NoSpecialPieces):
     vocab_size = 257
     eos_id = 256
     bos_id = None
@@ -77,7 +92,7 @@ class ByteTokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
 
-    def decode(self, ids) -> str:
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return bytes(_without_specials(self, ids)).decode("utf-8", errors="replace")
 
     def saved_form(self) -> tuple[dict, Path | None]:
@@ -95,7 +110,7 @@ def _model_file(model_file: str, kind: str) -> Path:
     return path
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(_NoSpecialPieces):
     def __init__(self, model_file: str):
         import sentencepiece
 
@@ -115,7 +130,7 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._processor.encode(text), np.int32)
 
-    def decode(self, ids) -> str:
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._processor.decode(_without_specials(self, ids))
 
     def saved_form(self) -> tuple[dict, Path | None]:
@@ -140,6 +155,7 @@ class HuggingFaceTokenizer:
                             f"tokenizer.json ({e})") from None
         self._tokenizer.encode_special_tokens = True
         size = int(self._tokenizer.get_vocab_size(with_added_tokens=True))
+        self._size = size
         eos = self._first_piece(HF_EOS_PIECES)
         self.eos_id = size if eos is None else eos
         self.bos_id = self._first_piece(HF_BOS_PIECES)
@@ -155,9 +171,10 @@ class HuggingFaceTokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
 
-    def encode_template(self, text: str) -> np.ndarray:
-        """Ids of text made by a chat template, whose special pieces (`<|eot_id|>`, ...) are
-        meant as those tokens, unlike the special pieces a document happens to contain."""
+    def encode_prompt(self, text: str) -> np.ndarray:
+        """Ids of a prompt sent to the server (a chat template's output, or a completions
+        prompt the client rendered), whose special pieces (`<|eot_id|>`, ...) are meant as
+        those tokens, unlike the special pieces a document happens to contain."""
         self._tokenizer.encode_special_tokens = False
         try:
             ids = self._tokenizer.encode(text, add_special_tokens=False).ids
@@ -165,8 +182,15 @@ class HuggingFaceTokenizer:
             self._tokenizer.encode_special_tokens = True
         return np.asarray(ids, np.int32)
 
-    def decode(self, ids) -> str:
-        return self._tokenizer.decode(_without_specials(self, ids), skip_special_tokens=False)
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """The text of `ids`; special pieces (`<|eot_id|>`, ...) are left out unless
+        `skip_special_tokens` is False, as `transformers` decodes."""
+        ids = [int(i) for i in ids if int(i) < self._size]  # past the file: an added eos
+        return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def special_ids(self) -> frozenset[int]:
+        added = self._tokenizer.get_added_tokens_decoder()
+        return frozenset(int(i) for i, token in added.items() if token.special)
 
     def saved_form(self) -> tuple[dict, Path | None]:
         return {"kind": "huggingface"}, self.model_file

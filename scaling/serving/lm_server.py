@@ -48,7 +48,7 @@ class LanguageModelService:
         self.in_flight = 0
 
     def piece(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+        return self.tokenizer.decode([token], skip_special_tokens=False)
 
     def prompt_ids(self, parsed: openai_api.ParsedRequest) -> list[int]:
         """The token ids of the prompt, begin-of-document first where the vocabulary has one
@@ -61,7 +61,7 @@ class LanguageModelService:
             except ValueError as e:
                 raise openai_api.ApiError(400, str(e), "messages") from None
             if self.chat.kind == "model":  # its special pieces are tokens, not text
-                encode = getattr(self.tokenizer, "encode_template", encode)
+                encode = self.tokenizer.encode_prompt
         if isinstance(prompt, str):
             bos = self.tokenizer.bos_id
             ids = [int(t) for t in encode(prompt)]
