@@ -139,7 +139,9 @@ def test_import_sample_export_and_reimport_round_trip_bitwise(tmp_path):
                      f"--artifact={exported}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in exported.iterdir()) == [
-        "config.json", "model.safetensors", "tokenizer.json"]
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
+    assert json.loads((exported / "generation_config.json").read_text()) == {
+        "bos_token_id": 0, "eos_token_id": 1}  # the source had none: the tokenizer's ids
     assert (exported / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
     again = run_cli(f"--experiment={experiment}", "--mode=export_hf", f"--workdir={workdir}",
                     f"--artifact={exported}")
@@ -155,6 +157,43 @@ def test_import_sample_export_and_reimport_round_trip_bitwise(tmp_path):
     for a, b, c in zip(jax.tree_util.tree_leaves(original), jax.tree_util.tree_leaves(saved),
                        jax.tree_util.tree_leaves(round_trip), strict=True):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes() == np.asarray(c).tobytes()
+
+
+def test_import_keeps_the_chat_and_generation_files_and_export_writes_them_back(tmp_path):
+    """Beside the saved tokenizer, whichever the source has of the chat templates (the
+    .jinja file, the older chat_template.json, the named ones), tokenizer_config.json,
+    special_tokens_map.json and generation_config.json, and config.json as hf_config.json;
+    the export writes them back, with the source's list of eos ids in its config.json."""
+    from scaling.interop import hf_generation
+
+    source = tmp_path / "source"
+    shutil.copytree(FIXTURES / "llama3_instruct", source)
+    (source / "chat_template.json").write_text(json.dumps({"chat_template": "{{ 1 }}"}))
+    (source / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|eot_id|>"}))
+    config, module = load(write_experiment(tmp_path, "llama3_instruct"))
+    workdir = tmp_path / "run"
+    hf_checkpoint.import_checkpoint(config, workdir, str(source), module)
+    kept = workdir / "tokenizer"
+    names = ["tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+             "special_tokens_map.json", "generation_config.json",
+             "additional_chat_templates/tool_use.jinja"]
+    for name in names:
+        assert (kept / name).read_bytes() == (source / name).read_bytes(), name
+    assert (kept / "hf_config.json").read_bytes() == (source / "config.json").read_bytes()
+    assert not [p for p in kept.rglob("*") if "partial" in p.name]
+
+    target = tmp_path / "exported"
+    hf_checkpoint.export_checkpoint(config, workdir,
+                                    hf_checkpoint.ExportOptions(target=str(target)), module)
+    for name in names:
+        assert (target / name).read_bytes() == (source / name).read_bytes(), name
+    assert not (target / "hf_config.json").exists()
+    assert json.loads((target / "config.json").read_text())["eos_token_id"] == [1, 4]
+    from scaling.data.tokenizer import HuggingFaceTokenizer
+
+    tokenizer = HuggingFaceTokenizer(str(target / "tokenizer.json"))
+    for directory in (source, kept, target):
+        assert hf_generation.read_generation_settings(directory, tokenizer).stop_ids == {1, 4}
 
 
 def test_export_in_shards_with_an_index_reimports_bitwise(tmp_path):

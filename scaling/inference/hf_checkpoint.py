@@ -6,6 +6,12 @@
 - `export_checkpoint` (`--mode=export_hf`): a checkpoint's params as `config.json`, sharded
   safetensors and the run's tokenizer, which `transformers` and serving stacks load.
 
+The files that say how the model is prompted and when it stops (the chat templates,
+`tokenizer_config.json`, `special_tokens_map.json`, `generation_config.json`, and the source's
+`config.json` as `hf_config.json`) travel with the tokenizer: the import keeps them in
+`WORKDIR/tokenizer/`, where serving reads them, and the export writes them back, so an
+exported model chats and stops as its source did.
+
 An import reads straight into the target shardings (`scaling.inference.sources`), so it
 never needs the whole model in one host's memory; an export gathers one layer of one param at
 a time and streams it to disk.
@@ -33,13 +39,17 @@ from scaling.data.tokenizer import (
 )
 from scaling.errors import UserError
 from scaling.inference import restore, sources
-from scaling.interop import hf_config, hf_params, safetensors_io
+from scaling.interop import hf_config, hf_generation, hf_params, safetensors_io
 from scaling.models import lora
 from scaling.runtime import checkpoint
 from scaling.runtime.workdir import write_config
 
 TOKENIZER_FILE = "tokenizer.json"  # a Hugging Face directory's tokenizer
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"  # its special tokens and chat template
+# What the import keeps beside the saved tokenizer, and the export writes back, when present.
+KEPT_FILES = (HF_TOKENIZER_CONFIG, "chat_template.jinja", "chat_template.json",
+              "special_tokens_map.json", hf_generation.GENERATION_CONFIG)
+KEPT_FOLDERS = ("additional_chat_templates",)  # named chat templates, one .jinja file each
 DEFAULT_SHARD_BYTES = 4 << 30
 
 
@@ -51,6 +61,35 @@ def source_record(directory: Path) -> dict:
     return {"path": str(directory),
             "config_sha256": hashlib.sha256(config_bytes).hexdigest(),
             "files": {p.name: p.stat().st_size for p in sorted(directory.glob("*.safetensors"))}}
+
+
+def _copy_whole(source: Path, target: Path) -> None:
+    """A file or folder copied under a temporary name and renamed into place, so a reader
+    finds the whole copy or none."""
+    partial = target.with_name(f".{target.name}.partial")
+    if partial.is_dir():
+        shutil.rmtree(partial)
+    if source.is_dir():
+        shutil.copytree(source, partial)
+        if target.is_dir():
+            shutil.rmtree(target)
+    else:
+        shutil.copyfile(source, partial)
+    partial.replace(target)
+
+
+def keep_model_files(directory: Path, tokenizer_dir: Path) -> list[str]:
+    """Copies the source directory's chat and generation files beside the saved tokenizer;
+    their names, as kept."""
+    kept = []
+    for name in (*KEPT_FILES, *KEPT_FOLDERS):
+        source = directory / name
+        if source.is_file() or (name in KEPT_FOLDERS and source.is_dir()):
+            _copy_whole(source, tokenizer_dir / name)
+            kept.append(name)
+    _copy_whole(directory / hf_config.CONFIG_FILE,
+                tokenizer_dir / hf_generation.KEPT_MODEL_CONFIG)
+    return [*kept, hf_generation.KEPT_MODEL_CONFIG]
 
 
 def import_checkpoint(config: ml_collections.ConfigDict, workdir: Path, source: str | None,
@@ -79,9 +118,7 @@ def import_checkpoint(config: ml_collections.ConfigDict, workdir: Path, source: 
         write_config(config, Path(workdir))
         if tokenizer is not None:
             save_tokenizer(tokenizer, Path(workdir) / TOKENIZER_DIR)
-            template = directory / HF_TOKENIZER_CONFIG  # the chat template serving renders
-            if template.is_file():
-                shutil.copyfile(template, Path(workdir) / TOKENIZER_DIR / HF_TOKENIZER_CONFIG)
+            keep_model_files(directory, Path(workdir) / TOKENIZER_DIR)
     count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
     return (f"imported {count:,} params from {directory} into {manager.directory / '0'}"
             + ("" if tokenizer else f" (no {TOKENIZER_FILE} there, so no tokenizer)"))
@@ -159,18 +196,34 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: Path,
     hf = hf_config.to_hf(m, dtypes.pop() if len(dtypes) == 1 else "float32",
                          tokenizer.bos_id if has_hf_tokenizer else None,
                          tokenizer.eos_id if has_hf_tokenizer else None)
+    kept = Path(workdir) / TOKENIZER_DIR
+    if has_hf_tokenizer and (kept / hf_generation.KEPT_MODEL_CONFIG).is_file():
+        source = hf_generation.read_json_object(kept / hf_generation.KEPT_MODEL_CONFIG)
+        hf.update({key: source[key] for key in ("bos_token_id", "eos_token_id")
+                   if source.get(key) is not None})  # an instruct model's list of eos ids
     (staging / hf_config.CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
     if len(groups) > 1:
         total = sum(int(np.prod(e[3])) * e[4].itemsize for e in entries)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (staging / safetensors_io.INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     if has_hf_tokenizer:
-        shutil.copyfile(Path(workdir) / TOKENIZER_DIR / SAVED_MODEL_FILES["huggingface"],
-                        staging / TOKENIZER_FILE)
+        shutil.copyfile(kept / SAVED_MODEL_FILES["huggingface"], staging / TOKENIZER_FILE)
+        for name in KEPT_FILES:
+            if (kept / name).is_file():
+                shutil.copyfile(kept / name, staging / name)
+        for name in KEPT_FOLDERS:
+            if (kept / name).is_dir():
+                shutil.copytree(kept / name, staging / name)
+        if not (staging / hf_generation.GENERATION_CONFIG).is_file():
+            generation = hf_generation.exported_generation_config(tokenizer.bos_id,
+                                                                  tokenizer.eos_id)
+            (staging / hf_generation.GENERATION_CONFIG).write_text(
+                json.dumps(generation, indent=2) + "\n")
     if target.exists():
         target.rmdir()  # empty, checked above
     staging.replace(target)
     return (f"exported step {restored.step} of {workdir} to {target} ({len(groups)} "
             f"safetensors file{'s' if len(groups) > 1 else ''}"
-            + (", tokenizer.json" if has_hf_tokenizer else ", no Hugging Face tokenizer")
+            + (", tokenizer.json, generation_config.json" if has_hf_tokenizer
+               else ", no Hugging Face tokenizer")
             + ")")
