@@ -87,12 +87,16 @@ def make_layout(model_config, options: EngineOptions, data_parallel: int) -> Lay
 
 
 def make_engine(model: nn.Module, params, mesh: jax.sharding.Mesh, rules: tuple,
-                tokenizer: Tokenizer, options: EngineOptions, warm_up: bool = True) -> Engine:
-    """An engine over `params` (on `mesh`, without adapters), compiled and not yet started."""
+                tokenizer: Tokenizer, options: EngineOptions, warm_up: bool = True,
+                stop_ids: frozenset[int] | None = None) -> Engine:
+    """An engine over `params` (on `mesh`, without adapters), compiled and not yet started.
+
+    `stop_ids`: the model's end-of-sequence ids (its generation_config.json's), which end
+    every request that does not ignore them; by default the tokenizer's end id."""
     model, params = unrolled(serving_model(model), params)
     layout = make_layout(model.config, options, mesh_lib.data_parallel_size(mesh, rules))
     programs = Programs(model, params, mesh, rules, layout, vocab_limit=tokenizer.vocab_size)
-    engine = Engine(programs, tokenizer, options.max_queue)
+    engine = Engine(programs, tokenizer, options.max_queue, stop_ids)
     if warm_up:
         programs.warm_up()
     return engine

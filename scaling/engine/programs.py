@@ -7,6 +7,11 @@ rows bucketed by powers of four up to `max_num_seqs`. Prefill runs a chunk of a 
 as many sequences as there are data-parallel replicas, one row each, so that every replica
 has work: (rows, L).
 
+A prefill that must report its prompt's logprobs (an echo) runs a variant that makes logits
+at every position of the chunk and returns, per position, the logprob of the next prompt
+token and the best alternatives; it is compiled on first use, so a server whose clients never
+ask pays nothing for it.
+
 Shapes are bucketed so that a handful of programs serve every request, all compiled at
 warm-up: prompt chunks are padded up to a power of two (at most `prefill_chunk`), and block
 tables to a power of two blocks (decode) or of four (prefill, whose matmuls over the chunk
@@ -27,6 +32,7 @@ import math
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,6 +104,37 @@ def _forward(model: nn.Module, params, cache, tokens_BL: jax.Array, batch: paged
     return logits_B1V[:, 0], variables["cache"]
 
 
+@flax.struct.dataclass
+class PromptLogprobs:
+    """Per position of a prompt chunk: the logprob of the token after it and the best
+    alternatives (the model's own distribution over the vocabulary it may emit)."""
+
+    next_logprob_BL: jax.Array
+    top_tokens_BLT: jax.Array
+    top_logprobs_BLT: jax.Array
+
+
+def _forward_echo(model: nn.Module, vocab_limit: int, params, cache, tokens_BL: jax.Array,
+                  batch: paged.PagedBatch, next_BL: jax.Array):
+    """`_forward` with every position's logits made (the batch's `logit_index_B` is (B, L)),
+    reduced to the next tokens' logprobs; the logits of each row's last token for sampling
+    are those at `last_B`, passed as the batch's index of the plain step would be."""
+    B, L = tokens_BL.shape
+    last_B = batch.logit_index_B
+    every = batch.replace(logit_index_B=jnp.broadcast_to(jnp.arange(L), (B, L)))
+    logits_BLV, variables = model.apply({"params": params, "cache": cache}, tokens_BL,
+                                        paged_batch=every, mutable=["cache"])
+    ids_V = jnp.arange(logits_BLV.shape[-1])
+    masked_BLV = jnp.where(ids_V < vocab_limit, logits_BLV.astype(jnp.float32), -jnp.inf)
+    logprobs_BLV = jax.nn.log_softmax(masked_BLV, axis=-1)
+    next_logprob_BL = jnp.take_along_axis(logprobs_BLV, next_BL[..., None], axis=-1)[..., 0]
+    top_logprobs_BLT, top_tokens_BLT = jax.lax.top_k(
+        logprobs_BLV, min(sampling.TOP_LOGPROBS, logprobs_BLV.shape[-1]))
+    logits_BV = jnp.take_along_axis(logits_BLV, last_B[:, None, None], axis=1)[:, 0]
+    return logits_BV, PromptLogprobs(next_logprob_BL, top_tokens_BLT.astype(jnp.int32),
+                                     top_logprobs_BLT), variables["cache"]
+
+
 def uses_tpu_kernel(model: nn.Module, mesh: jax.sharding.Mesh) -> bool:
     """Whether decode steps attend through the Pallas paged-attention kernel: on TPU, where
     the head width allows it. Prompt chunks, and other platforms, use the gather form."""
@@ -137,6 +174,18 @@ def step_lowering(model: nn.Module, mesh: jax.sharding.Mesh, rules: tuple, param
     return mesh_lib.with_mesh_rules(forward.lower, mesh, rules)
 
 
+def echo_lowering(model: nn.Module, vocab_limit: int, mesh: jax.sharding.Mesh, rules: tuple,
+                  param_shardings, cache_shardings):
+    """`lower(params, cache, tokens_BL, batch, next_BL)` of the prompt-logprobs step."""
+    replicated = mesh_lib.replicated(mesh)
+    rows = mesh_lib.batch_sharding(mesh, rules)
+    forward = jax.jit(
+        functools.partial(_forward_echo, model, vocab_limit), donate_argnums=(1,),
+        in_shardings=(param_shardings, cache_shardings, rows, replicated, replicated),
+        out_shardings=(replicated, replicated, cache_shardings))
+    return mesh_lib.with_mesh_rules(forward.lower, mesh, rules)
+
+
 class Programs:
     """The pool on the devices and the compiled steps that read and write it."""
 
@@ -157,24 +206,43 @@ class Programs:
         param_shardings = jax.tree.map(lambda leaf: leaf.sharding, params)
         self._lower_forward = step_lowering(model, mesh, rules, param_shardings,
                                             cache_shardings)
+        self._lower_echo = echo_lowering(model, vocab_limit, mesh, rules, param_shardings,
+                                         cache_shardings)
         replicated = mesh_lib.replicated(mesh)
+        vocab = model.config.vocab_size
+        self.slot_state = jax.jit(lambda: sampling.SlotState.zeros(layout.max_num_seqs, vocab),
+                                  out_shardings=replicated)()
         # Sampling depends only on the rows and the vocabulary: compiled once per row count,
         # not once per bucket (its random draws take longer to compile than a small model).
         self._choose = jax.jit(functools.partial(sampling.choose, vocab_limit=vocab_limit),
-                               in_shardings=(replicated, replicated))
+                               in_shardings=(replicated, replicated, replicated),
+                               out_shardings=(replicated, replicated), donate_argnums=(2,))
+        self._admit_slot = jax.jit(sampling.admit, donate_argnums=(0,),
+                                   out_shardings=replicated)
         self._compiled: dict[tuple[int, int, int], Any] = {}  # (rows, length, width)
+        self._compiled_echo: dict[tuple[int, int, int], Any] = {}
         self._compiled_choose: dict[int, Any] = {}
         self.compiles = 0  # programs compiled so far, warm-up included
 
     def empty_batch(self, rows: int, length: int, width: int) -> paged.PagedBatch:
         return empty_batch(self.layout, rows, length, width, self.tpu_decode_kernel)
 
-    @staticmethod
-    def greedy_settings(rows: int) -> sampling.RowSettings:
+    def greedy_settings(self, rows: int) -> sampling.RowSettings:
+        """Settings of `rows` plain greedy rows, which no slot state touches."""
         return sampling.RowSettings(
             temperature_B=np.zeros((rows,), np.float32), top_k_B=np.zeros((rows,), np.int32),
             top_p_B=np.ones((rows,), np.float32), seed_B=np.zeros((rows,), np.uint32),
-            index_B=np.zeros((rows,), np.int32))
+            index_B=np.zeros((rows,), np.int32),
+            slot_B=np.full((rows,), self.layout.max_num_seqs, np.int32),
+            adjust_B=np.zeros((rows,), bool), mask_stops_B=np.zeros((rows,), bool),
+            presence_B=np.zeros((rows,), np.float32), frequency_B=np.zeros((rows,), np.float32),
+            repetition_B=np.ones((rows,), np.float32))
+
+    def admit_slot(self, slot: int, prompt_seen_V: np.ndarray, bias_V: np.ndarray,
+                   stop_V: np.ndarray) -> None:
+        """Readies a slot's state for a request that adjusts its logits."""
+        self.slot_state = self._admit_slot(self.slot_state, np.int32(slot), prompt_seen_V,
+                                           bias_V, stop_V)
 
     def shapes(self) -> list[tuple[int, int, int]]:
         """Every (rows, length, table width) the engine runs."""
@@ -198,11 +266,22 @@ class Programs:
             self.compiles += 1
         return self._compiled[shape]
 
+    def _echo_program(self, rows: int, length: int, width: int):
+        """The prompt-logprobs forward pass for one shape, compiled on first use."""
+        shape = (rows, length, width)
+        if shape not in self._compiled_echo:
+            tokens = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+            self._compiled_echo[shape] = self._lower_echo(
+                self.params, self.cache, tokens, self.empty_batch(rows, length, width),
+                tokens).compile()
+            self.compiles += 1
+        return self._compiled_echo[shape]
+
     def _chooser(self, rows: int):
         if rows not in self._compiled_choose:
             logits = jax.ShapeDtypeStruct((rows, self.model.config.vocab_size), jnp.float32)
             self._compiled_choose[rows] = self._choose.lower(
-                logits, self.greedy_settings(rows)).compile()
+                logits, self.greedy_settings(rows), self.slot_state).compile()
             self.compiles += 1
         return self._compiled_choose[rows]
 
@@ -225,4 +304,19 @@ class Programs:
         rows, length = tokens_BL.shape
         program = self._program(rows, length, batch.block_table_BM.shape[1])
         logits_BV, self.cache = program(self.params, self.cache, tokens_BL, batch)
-        return jax.tree.map(np.asarray, self._chooser(rows)(logits_BV, settings))
+        return self._choose_rows(logits_BV, settings)
+
+    def run_echo(self, tokens_BL: np.ndarray, batch: paged.PagedBatch,
+                 settings: sampling.RowSettings,
+                 next_BL: np.ndarray) -> tuple[sampling.Choice, PromptLogprobs]:
+        """A prefill step that also reports, per position, the logprob of `next_BL` there."""
+        rows, length = tokens_BL.shape
+        program = self._echo_program(rows, length, batch.block_table_BM.shape[1])
+        logits_BV, prompt, self.cache = program(self.params, self.cache, tokens_BL, batch,
+                                                next_BL)
+        return self._choose_rows(logits_BV, settings), jax.tree.map(np.asarray, prompt)
+
+    def _choose_rows(self, logits_BV: jax.Array, settings: sampling.RowSettings):
+        choice, self.slot_state = self._chooser(len(settings.temperature_B))(
+            logits_BV, settings, self.slot_state)
+        return jax.tree.map(np.asarray, choice)

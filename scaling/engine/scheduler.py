@@ -14,8 +14,18 @@ the context) are free or promised to nobody, less the blocks its prompt finds in
 cache. Blocks are still taken one at a time as positions fill, but a running request can never
 run out: when blocks are short, new requests wait, and nothing running is disturbed.
 
-The loop runs on its own thread; `submit` and `abort` may be called from any thread, and each
-request's `on_event` is called on the loop's thread.
+Siblings: requests submitted together (`submit_many`, e.g. a request's n choices) with the
+same prompt wait behind the first of them until its prompt is prefilled, then take its full
+blocks from the prefix cache, so the prompt is computed about once. A request that asks for
+its prompt's logprobs takes nothing from the prefix cache (its logprobs need every position's
+logits), as in vLLM, though the blocks it fills are registered for others.
+
+Slots: every running request holds one of `max_num_seqs` slots; a request whose logits are
+adjusted (bias, penalties, min_tokens) keeps what that needs in its slot's row of the
+device-side `sampling.SlotState`.
+
+The loop runs on its own thread; `submit`, `submit_many` and `abort` may be called from any
+thread, and each request's `on_event` is called on the loop's thread.
 """
 
 from __future__ import annotations
@@ -57,6 +67,10 @@ class Sequence:
     generated: int = 0
     text: TextStream | None = None
     last_token_time: float = 0.0
+    slot: int | None = None  # its row of the sampling state; None once finished
+    stop_ids: frozenset[int] = frozenset()  # the ids that end it
+    prompt_logprobs: list[TokenLogprob | None] = dataclasses.field(default_factory=list)
+    reported: bool = False  # an event has gone out (the prompt logprobs go with the first)
 
     @property
     def num_prompt(self) -> int:
@@ -70,11 +84,17 @@ class Sequence:
 class Engine:
     """Serves many requests at once on one model; see the module docstring."""
 
-    def __init__(self, programs: programs_lib.Programs, tokenizer: Tokenizer, max_queue: int):
+    def __init__(self, programs: programs_lib.Programs, tokenizer: Tokenizer, max_queue: int,
+                 stop_ids: frozenset[int] | None = None):
+        """`stop_ids`: the model's end-of-sequence ids (its generation config's), which end a
+        request unless it ignores them; by default the tokenizer's end id."""
         self.programs = programs
         self.layout = programs.layout
         self.tokenizer = tokenizer
         self.max_queue = max_queue
+        self.stop_ids = frozenset(stop_ids if stop_ids is not None else {tokenizer.eos_id})
+        self._slot_ids = list(range(self.layout.max_num_seqs))[::-1]  # free slots
+        self._leaders: dict[int, Request] = {}  # id(sibling) -> the request it waits for
         self.pool = BlockPool(self.layout.num_blocks, self.layout.block_size)
         self.stats = Stats()
         self._waiting: collections.deque[Request] = collections.deque()
@@ -107,6 +127,22 @@ class Engine:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (--max_queue)")
             self._waiting.append(request)
             self.stats.requests_received += 1
+            self._wake.notify()
+
+    def submit_many(self, requests: list[Request]) -> None:
+        """Queues all of `requests` or, raising `QueueFull`, none. Those with the same
+        prompt as an earlier one of the call wait for its prefill and share its blocks."""
+        with self._wake:
+            if len(self._waiting) + len(requests) > self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting and "
+                                f"{len(requests)} more do not fit (--max_queue)")
+            first: dict[tuple[int, ...], Request] = {}
+            for request in requests:
+                leader = first.setdefault(tuple(request.prompt_ids), request)
+                if leader is not request:
+                    self._leaders[id(request)] = leader
+            self._waiting.extend(requests)
+            self.stats.requests_received += len(requests)
             self._wake.notify()
 
     def abort(self, request_id: str) -> None:
@@ -163,6 +199,7 @@ class Engine:
             kept = [r for r in self._waiting if r.request_id not in aborted]
             for request in self._waiting:
                 if request.request_id in aborted:
+                    self._leaders.pop(id(request), None)
                     request.on_event(Event(request.request_id, "", (), finish_reason="abort"))
             self._waiting = collections.deque(kept)
         for seq in [*self._prefilling, *self._decoding]:
@@ -180,23 +217,60 @@ class Engine:
                 if not self._waiting:
                     return
                 request = self._waiting[0]
+                leader = self._leaders.get(id(request))
+                if leader is not None and self._prefill_pending(leader):
+                    return  # a sibling waits until its leader's blocks are in the cache
+            params = request.params
             prompt = request.prompt_ids
-            total = min(len(prompt) + request.params.max_tokens, self.layout.max_seq_len)
+            total = min(len(prompt) + params.max_tokens, self.layout.max_seq_len)
             need = math.ceil(total / P)
-            blocks, key = self.pool.match_prefix(prompt, (len(prompt) - 1) // P)
+            blocks, key = [], b""
+            if params.prompt_logprobs is None:
+                blocks, key = self.pool.match_prefix(prompt, (len(prompt) - 1) // P)
             if self.pool.available - self._promised < need - len(blocks):
                 self.pool.release(blocks)
                 return  # the oldest waits for blocks; younger ones wait behind it
             with self._wake:
                 self._waiting.popleft()
+                self._leaders.pop(id(request), None)
+            ends = set(params.stop_token_ids) | (set() if params.ignore_eos else self.stop_ids)
             seq = Sequence(request=request, tokens=list(prompt), need=need, blocks=blocks,
                            computed=len(blocks) * P, hashed=len(blocks), last_key=key,
                            cached_tokens=len(blocks) * P,
-                           text=TextStream(self.tokenizer, request.params.stop))
+                           text=TextStream(self.tokenizer, params.stop, params.min_tokens,
+                                           params.include_stop_str_in_output,
+                                           params.skip_special_tokens),
+                           slot=self._slot_ids.pop(), stop_ids=frozenset(ends),
+                           prompt_logprobs=[None] if params.prompt_logprobs is not None else [])
+            if params.adjusts_logits:
+                self._ready_slot(seq)
             self._promised += need - len(blocks)
             self.stats.prompt_tokens += len(prompt)
             self.stats.cached_prompt_tokens += seq.cached_tokens
             self._prefilling.append(seq)
+
+    def _prefill_pending(self, leader: Request) -> bool:
+        """Whether `leader` is still waiting or prefilling."""
+        return (any(r is leader for r in self._waiting)
+                or any(s.request is leader for s in self._prefilling))
+
+    def _ready_slot(self, seq: Sequence) -> None:
+        """Writes a request's bias, stop ids and prompt tokens into its slot's state."""
+        params = seq.request.params
+        V = self.programs.model.config.vocab_size
+        prompt_seen_V = np.zeros((V,), bool)
+        prompt = np.asarray(seq.request.prompt_ids, np.int64)
+        prompt_seen_V[prompt[(prompt >= 0) & (prompt < V)]] = True
+        bias_V = np.zeros((V,), np.float32)
+        for token, bias in params.logit_bias:
+            if 0 <= token < V:
+                bias_V[token] += bias
+        # Masked until min_tokens: the model's end ids even when ignored, as vLLM does.
+        stop_V = np.zeros((V,), bool)
+        for token in self.stop_ids | set(params.stop_token_ids):
+            if 0 <= token < V:
+                stop_V[token] = True
+        self.programs.admit_slot(seq.slot, prompt_seen_V, bias_V, stop_V)
 
     def _grow(self, seq: Sequence, positions: int) -> None:
         """Takes blocks (promised at admission) until the sequence has room for `positions`."""
@@ -222,7 +296,10 @@ class Engine:
         table[:len(seq.blocks)] = seq.blocks
         return positions, slots, table
 
-    def _settings(self, rows: list[Sequence | None]) -> sampling.RowSettings:
+    def _settings(self, rows: list[Sequence | None],
+                  choosing: list[bool] | None = None) -> sampling.RowSettings:
+        """The rows' sampling settings; a row not `choosing` (a prompt chunk before the
+        last) has its draw thrown away, so its slot state is left alone."""
         settings = self.programs.greedy_settings(len(rows))
         for i, seq in enumerate(rows):
             if seq is None:
@@ -233,6 +310,13 @@ class Engine:
             settings.top_p_B[i] = params.top_p
             settings.seed_B[i] = params.seed % (1 << 32)
             settings.index_B[i] = seq.generated
+            if params.adjusts_logits and (choosing is None or choosing[i]):
+                settings.slot_B[i] = seq.slot
+                settings.adjust_B[i] = True
+                settings.mask_stops_B[i] = seq.generated < params.min_tokens
+                settings.presence_B[i] = params.presence_penalty
+                settings.frequency_B[i] = params.frequency_penalty
+                settings.repetition_B[i] = params.repetition_penalty
         return settings
 
     def _prefill_chunk(self) -> None:
@@ -259,17 +343,47 @@ class Engine:
             batch.slots_BL[i, :n] = slots
             batch.block_table_BM[i] = table
             batch.logit_index_B[i] = n - 1
-        choice = self.programs.run(tokens, batch, self._settings(rows))
+        choosing = [end == seq.num_prompt for seq, (_, end) in
+                    zip(rows[:len(spans)], spans, strict=True)]
+        choosing += [False] * (len(rows) - len(spans))
+        settings = self._settings(rows, choosing)
+        echoing = [s for s in rows if s is not None and s.request.params.prompt_logprobs
+                   is not None]
+        if echoing:
+            next_ = np.zeros_like(tokens)
+            for i, seq in enumerate(rows[:len(spans)]):
+                start, end = spans[i]
+                following = seq.request.prompt_ids[start + 1:end + 1]
+                next_[i, :len(following)] = following
+            choice, prompt = self.programs.run_echo(tokens, batch, settings, next_)
+        else:
+            choice = self.programs.run(tokens, batch, settings)
         self.stats.prefill_steps += 1
         self.stats.prefill_tokens += sum(end - start for start, end in spans)
         for i, seq in enumerate(rows[:len(spans)]):
+            if seq.request.params.prompt_logprobs is not None:
+                self._add_prompt_logprobs(seq, prompt, i, *spans[i])
             seq.computed = spans[i][1]
             self._register_full_blocks(seq)
             if not seq.prefilling:
+                if seq.request.params.max_tokens == 0:  # the prompt's logprobs alone
+                    self._finish(seq, "length")
+                    continue
                 self._prefilling.remove(seq)
                 self._decoding.append(seq)
                 self.stats.time_to_first_token.observe(time.monotonic() - seq.request.arrival)
                 self._accept(seq, choice, i)
+
+    def _add_prompt_logprobs(self, seq: Sequence, prompt: programs_lib.PromptLogprobs,
+                             row: int, start: int, end: int) -> None:
+        """The logprobs of prompt tokens start+1..end (those that follow the chunk's)."""
+        ids = seq.request.prompt_ids
+        k = seq.request.params.prompt_logprobs
+        for j, position in enumerate(range(start, min(end, len(ids) - 1))):
+            top = tuple(zip(prompt.top_tokens_BLT[row, j, :k].tolist(),
+                            prompt.top_logprobs_BLT[row, j, :k].tolist(), strict=True))
+            seq.prompt_logprobs.append(TokenLogprob(
+                ids[position + 1], float(prompt.next_logprob_BL[row, j]), top))
 
     def _decode_step(self) -> None:
         """One token for every decoding sequence. They sit in the first rows of the smallest
@@ -314,25 +428,37 @@ class Engine:
                 choice.top_tokens_BT[row][:params.logprobs],
                 choice.top_logprobs_BT[row][:params.logprobs], strict=True))
             logprobs = (TokenLogprob(token, float(choice.logprob_B[row]), top),)
-        reason = None
-        if token == self.tokenizer.eos_id and not params.ignore_eos:
+        reason, stop_reason = None, None
+        token_ids = (token,)  # a stop id too, as vLLM reports it, though it has no text
+        if token in seq.stop_ids and seq.generated > params.min_tokens:
             reason = "stop"
-            token_ids: tuple[int, ...] = ()
+            ended_by_eos = token == self.tokenizer.eos_id and not params.ignore_eos
+            stop_reason = None if ended_by_eos else token
         else:
             seq.tokens.append(token)
-            token_ids = (token,)
             if seq.text.add(token):
-                reason = "stop"
+                reason, stop_reason = "stop", seq.text.matched
             elif seq.generated >= params.max_tokens or len(seq.tokens) >= self.layout.max_seq_len:
                 reason = "length"
         if reason is None:
-            seq.request.on_event(Event(seq.request.request_id, seq.text.take(final=False),
-                                       token_ids, logprobs))
+            seq.request.on_event(self._event(seq, seq.text.take(final=False), token_ids,
+                                             logprobs))
         else:
-            self._finish(seq, reason, token_ids, logprobs)
+            self._finish(seq, reason, token_ids, logprobs, stop_reason)
+
+    def _event(self, seq: Sequence, text: str, token_ids: tuple[int, ...],
+               logprobs: tuple[TokenLogprob, ...], **fields) -> Event:
+        """An event of `seq`; its first carries the prompt's logprobs."""
+        prompt_logprobs = () if seq.reported else tuple(seq.prompt_logprobs)
+        seq.reported = True
+        return Event(seq.request.request_id, text, token_ids, logprobs,
+                     prompt_logprobs=prompt_logprobs, **fields)
 
     def _finish(self, seq: Sequence, reason: str, token_ids: tuple[int, ...] = (),
-                logprobs: tuple[TokenLogprob, ...] = ()) -> None:
+                logprobs: tuple[TokenLogprob, ...] = (),
+                stop_reason: int | str | None = None) -> None:
+        """Ends a request: its blocks and slot go back, and its last event (with the text
+        still held, unless a stop string cut it) goes out."""
         if seq in self._prefilling:
             self._prefilling.remove(seq)
         if seq in self._decoding:
@@ -340,8 +466,11 @@ class Engine:
         self.pool.release(seq.blocks)
         self._promised -= seq.need - len(seq.blocks)
         seq.blocks = []
+        if seq.slot is not None:
+            self._slot_ids.append(seq.slot)
+            seq.slot = None
         self.stats.requests_finished[reason] += 1
-        seq.request.on_event(Event(
-            seq.request.request_id, seq.text.take(final=True), token_ids, logprobs,
-            finish_reason=reason, prompt_tokens=seq.num_prompt,
-            completion_tokens=seq.generated, cached_tokens=seq.cached_tokens))
+        seq.request.on_event(self._event(
+            seq, seq.text.take(final=True), token_ids, logprobs, finish_reason=reason,
+            prompt_tokens=seq.num_prompt, completion_tokens=seq.generated,
+            cached_tokens=seq.cached_tokens, stop_reason=stop_reason))

@@ -637,7 +637,8 @@ class Transformer(nn.Module):
         With `paged_batch` (a serving engine's step, `scaling.models.paged`), apply with
         `mutable=["cache"]` and the engine's pools: the tokens are written into the paged
         cache at the batch's slots, rotated by its positions, and only the logits of each
-        row's `logit_index_B` token are made, (B, 1, V).
+        row's `logit_index_B` token are made, (B, 1, V) (or of its L' tokens when the index
+        is (B, L'), (B, L', V)).
         """
         del train  # no dropout in this model
         if decode and segment_ids_BL is not None:
@@ -695,7 +696,9 @@ class Transformer(nn.Module):
                          written, is_leaf=_is_variable)
 
         if paged_batch is not None:  # a serving step needs one token's logits per row
-            x_BLD = jnp.take_along_axis(x_BLD, paged_batch.logit_index_B[:, None, None], axis=1)
+            index = paged_batch.logit_index_B  # (B,), or (B, L') for several tokens a row
+            index_BL = index[:, None] if index.ndim == 1 else index
+            x_BLD = jnp.take_along_axis(x_BLD, index_BL[:, :, None], axis=1)
         x_BLD = RMSNorm(c, name="final_norm")(x_BLD)
         if c.loss_chunk and not decode and paged_batch is None:
             return self._projection(x_BLD, embedding_VD, seq_shards)
