@@ -155,10 +155,11 @@ def test_models_and_metrics(server, client):
     ({"model": "shakespeare_char_lm", "prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
     ({"model": "shakespeare_char_lm", "prompt": "a" * 200}, 400, "context is 96"),
     ({"model": "gpt-4", "prompt": "a"}, 404, "not served here"),
-    ({"model": "shakespeare_char_lm", "prompt": "a", "n": 3}, 400, "n="),
+    ({"model": "shakespeare_char_lm", "prompt": "a", "suffix": "b"}, 400, "suffix"),
+    ({"model": "shakespeare_char_lm", "prompt": "a", "max_tokens": 96}, 400, "max_tokens"),
     ({"model": "shakespeare_char_lm"}, 400, "prompt"),
 ], ids=["malformed", "not_utf8", "wrong_type", "max_tokens", "too_long", "unknown_model",
-        "n", "no_prompt"])
+        "suffix", "beyond_context", "no_prompt"])
 def test_bad_requests_get_an_api_error_and_the_server_stays_up(server, body, status, words):
     got, answer = server.request("POST", "/v1/completions", body)
     assert got == status
@@ -203,6 +204,7 @@ def test_sigterm_finishes_the_streams_in_flight_and_exits_0(lm_run, tmp_path):
                            max_retries=0, timeout=120)
     stream = client.completions.create(model="shakespeare_char_lm", prompt="ROMEO:",
                                        max_tokens=60, temperature=0, stream=True,
+                                       stream_options={"include_usage": True},
                                        extra_body={"ignore_eos": True})
     chunks = [next(stream)]
     running.process.send_signal(signal.SIGTERM)
