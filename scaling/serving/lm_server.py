@@ -256,6 +256,7 @@ def make_app(service: LanguageModelService, limits: Limits, parser: ThreadPoolEx
                 if event.finish_reason is not None:
                     pending.discard(index)
                     choice.finish_reason = event.finish_reason
+                    choice.stop_reason = event.stop_reason
                     choice.completion_tokens = event.completion_tokens
                     choice.cached_tokens = event.cached_tokens
                 if event.finish_reason == "error":

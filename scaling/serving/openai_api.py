@@ -339,6 +339,7 @@ class Choice:
     completion_tokens: int = 0
     cached_tokens: int = 0
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # the stop string or id that ended it, as vLLM
     sent_head: bool = False  # a stream has sent its first chunk (role, echoed prompt)
 
 
@@ -419,10 +420,12 @@ class ResponseBuilder:
             if self.parsed.chat:
                 out.append({"index": c.index, "message": {"role": "assistant",
                                                           "content": c.text},
-                            "logprobs": logprobs, "finish_reason": c.finish_reason})
+                            "logprobs": logprobs, "finish_reason": c.finish_reason,
+                            "stop_reason": c.stop_reason})
             else:
                 out.append({"index": c.index, "text": c.prompt_text + c.text,
-                            "logprobs": logprobs, "finish_reason": c.finish_reason})
+                            "logprobs": logprobs, "finish_reason": c.finish_reason,
+                            "stop_reason": c.stop_reason})
         return {**self._head(self._object), "choices": out, "usage": usage(choices)}
 
     def chunks(self, choice: Choice, text: str, echoed: list[TokenLogprob],
@@ -447,6 +450,8 @@ class ResponseBuilder:
             offset = len(choice.prompt_text) + len(choice.text) - len(text)
             out.append(self._chunk(choice.index, body, self._logprobs(logprobs, offset),
                                    finish_reason))
+            if finish_reason is not None:
+                out[-1]["choices"][0]["stop_reason"] = choice.stop_reason
         if self.parsed.continuous_usage and self.parsed.include_usage:
             for chunk in out:
                 chunk["usage"] = usage(all_choices)
