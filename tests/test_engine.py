@@ -163,7 +163,9 @@ def test_concurrent_greedy_requests_equal_sample_mode(model_and_params, prompts,
 def test_no_request_compiles_after_warm_up(model_and_params, prompts):
     engine = make(model_and_params, max_num_seqs=4, kv_block_size=8, prefill_chunk=32)
     programs = engine.programs
-    assert programs.compiles == len(programs.shapes()) + 2  # and a sampler per row count
+    # and a sampler per row count, the program that readies a slot's sampling state and the
+    # one that copies a block
+    assert programs.compiles == len(programs.shapes()) + 4
     compiles = []
 
     def listener(event, duration, **kwargs):
@@ -174,12 +176,13 @@ def test_no_request_compiles_after_warm_up(model_and_params, prompts):
     engine.start()
     try:
         sampled = engine_lib.SamplingParams(max_tokens=9, temperature=0.8, top_k=20, top_p=0.9,
-                                            seed=1, logprobs=3, ignore_eos=True)
+                                            seed=1, logprobs=3, ignore_eos=True, min_tokens=2,
+                                            presence_penalty=0.5, logit_bias=((7, 1.0),))
         run_all(engine, [(p, greedy(5) if i % 2 else sampled) for i, p in enumerate(prompts)])
     finally:
         engine.stop()
         jax.monitoring.clear_event_listeners()
-    assert compiles == [] and programs.compiles == len(programs.shapes()) + 2
+    assert compiles == [] and programs.compiles == len(programs.shapes()) + 4
 
 
 def test_a_seed_gives_the_same_text_alone_and_under_load(model_and_params, prompts):

@@ -305,9 +305,9 @@ def test_submit_many_prefills_a_shared_prompt_once_and_each_seed_draws_its_own(
     together = served(engine, [(prompt, params(s)) for s in range(4)] + [(other, params(9))],
                       together=True)
     # The first computes all 45 prompt tokens; the three others find its 5 full blocks of 8
-    # cached and compute only the last 5 tokens (the partial block); `other` computes 20.
-    assert engine.stats.prefill_tokens == 45 + 3 * 5 + 20
-    assert [events[-1].cached_tokens for events in together] == [0, 40, 40, 40, 0]
+    # cached, copy its partial one and compute only the last token; `other` computes 20.
+    assert engine.stats.prefill_tokens == 45 + 3 * 1 + 20
+    assert [events[-1].cached_tokens for events in together] == [0, 44, 44, 44, 0]
     draws = [token_ids(events) for events in together]
     assert len({tuple(d) for d in draws[:4]}) == 4  # seed + i: each its own text
     alone = served(make(model_and_params), [(prompt, params(s)) for s in range(4)])
@@ -323,3 +323,15 @@ def test_submit_many_queues_all_or_none(model_and_params):
     assert engine.queue_depth == 0
     engine.submit_many(requests[:3])
     assert engine.queue_depth == 3
+
+
+def test_a_sibling_whose_leader_has_finished_computes_the_partial_block_itself(
+        model_and_params, full_logits):
+    prompt = np.random.default_rng(6).integers(0, 256, 45).tolist()
+    want, _ = reference(full_logits, prompt, 6)
+    engine = make(model_and_params, kv_block_size=8, prefill_chunk=16)
+    leader, sibling = served(engine, [(prompt, greedy(1, ignore_eos=True)),
+                                      (prompt, greedy(6, ignore_eos=True))], together=True)
+    assert token_ids(leader) == want[:1] and token_ids(sibling) == want
+    assert sibling[-1].cached_tokens == 40  # the full blocks only: the leader let go of its last
+    assert engine.stats.prefill_tokens == 45 + 5

@@ -222,6 +222,18 @@ class Programs:
         self._compiled: dict[tuple[int, int, int], Any] = {}  # (rows, length, width)
         self._compiled_echo: dict[tuple[int, int, int], Any] = {}
         self._compiled_choose: dict[int, Any] = {}
+        self._compiled_admit = None
+        num_layers, num_blocks = model.config.num_layers, layout.num_blocks
+
+        def copy_block(cache, source, target):
+            """The pool with block `target` holding what block `source` holds, every layer."""
+            layers = jnp.arange(num_layers) * num_blocks
+            return jax.tree.map(lambda pool: pool.at[:, layers + target].set(
+                pool[:, layers + source]), cache)
+
+        self._copy_block = jax.jit(copy_block, donate_argnums=(0,),
+                                   out_shardings=cache_shardings)
+        self._compiled_copy = None
         self.compiles = 0  # programs compiled so far, warm-up included
 
     def empty_batch(self, rows: int, length: int, width: int) -> paged.PagedBatch:
@@ -241,8 +253,25 @@ class Programs:
     def admit_slot(self, slot: int, prompt_seen_V: np.ndarray, bias_V: np.ndarray,
                    stop_V: np.ndarray) -> None:
         """Readies a slot's state for a request that adjusts its logits."""
-        self.slot_state = self._admit_slot(self.slot_state, np.int32(slot), prompt_seen_V,
-                                           bias_V, stop_V)
+        self.slot_state = self._slot_admitter()(self.slot_state, np.int32(slot), prompt_seen_V,
+                                                bias_V, stop_V)
+
+    def copy_block(self, source: int, target: int) -> None:
+        """Copies one block's keys and values (a shared prompt's last, partial block)."""
+        if self._compiled_copy is None:
+            self._compiled_copy = self._copy_block.lower(self.cache, np.int32(0),
+                                                         np.int32(0)).compile()
+            self.compiles += 1
+        self.cache = self._compiled_copy(self.cache, np.int32(source), np.int32(target))
+
+    def _slot_admitter(self):
+        if self._compiled_admit is None:
+            V = self.model.config.vocab_size
+            self._compiled_admit = self._admit_slot.lower(
+                self.slot_state, np.int32(0), np.zeros((V,), bool), np.zeros((V,), np.float32),
+                np.zeros((V,), bool)).compile()
+            self.compiles += 1
+        return self._compiled_admit
 
     def shapes(self) -> list[tuple[int, int, int]]:
         """Every (rows, length, table width) the engine runs."""
@@ -296,6 +325,8 @@ class Programs:
         self.compiles += len(compiled)
         for rows in sorted({rows for rows, _, _ in self.shapes()}):
             self._chooser(rows)
+        self._slot_admitter()
+        self.copy_block(0, 0)
         return self.compiles
 
     def run(self, tokens_BL: np.ndarray, batch: paged.PagedBatch,

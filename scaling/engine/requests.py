@@ -117,10 +117,9 @@ class TextStream:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def _extend(self) -> None:
-        """Appends the text of tokens[_read:] to `text`."""
+    def _extend(self, after: str) -> None:
+        """Appends the text of tokens[_read:] to `text`, given that of tokens[_prefix:]."""
         before = self._decode(self.tokens[self._prefix:self._read])
-        after = self._decode(self.tokens[self._prefix:])
         self.text += after[len(before):] if after.startswith(before) else after
         self._prefix, self._read = self._read, len(self.tokens)
 
@@ -128,10 +127,11 @@ class TextStream:
         """Takes one token; True when a stop string has appeared (the text ends before it,
         or after it with `include_stop`)."""
         self.tokens.append(token)
-        if self._decode(self.tokens[self._prefix:]).endswith("\ufffd"):
+        after = self._decode(self.tokens[self._prefix:])
+        if after.endswith("\ufffd"):
             return False  # a character still incomplete
         start = len(self.text)
-        self._extend()
+        self._extend(after)
         if len(self.tokens) <= self.min_tokens:
             self._searchable = len(self.text)
             return False
@@ -150,7 +150,7 @@ class TextStream:
     def take(self, final: bool) -> str:
         """The text not handed out yet, less a tail that could begin a stop string."""
         if final and self.matched is None and self._read < len(self.tokens):
-            self._extend()  # an unfinished character: its bytes as U+FFFD
+            self._extend(self._decode(self.tokens[self._prefix:]))  # U+FFFD for the rest
         end = len(self.text)
         if not final and self.stop:
             end = max(self.sent, end - max(map(len, self.stop)) + 1)

@@ -16,9 +16,11 @@ run out: when blocks are short, new requests wait, and nothing running is distur
 
 Siblings: requests submitted together (`submit_many`, e.g. a request's n choices) with the
 same prompt wait behind the first of them until its prompt is prefilled, then take its full
-blocks from the prefix cache, so the prompt is computed about once. A request that asks for
-its prompt's logprobs takes nothing from the prefix cache (its logprobs need every position's
-logits), as in vLLM, though the blocks it fills are registered for others.
+blocks from the prefix cache and a copy of its last, partial one, so that each computes only
+its prompt's last token (which gives its first draw): the prompt is computed once.
+
+A request that asks for its prompt's logprobs takes nothing from the prefix cache (they need
+every position's logits), as in vLLM, though the blocks it fills are registered for others.
 
 Slots: every running request holds one of `max_num_seqs` slots; a request whose logits are
 adjusted (bias, penalties, min_tokens) keeps what that needs in its slot's row of the
@@ -138,6 +140,8 @@ class Engine:
                                 f"{len(requests)} more do not fit (--max_queue)")
             first: dict[tuple[int, ...], Request] = {}
             for request in requests:
+                if request.params.prompt_logprobs is not None:
+                    continue  # it computes its whole prompt anyway
                 leader = first.setdefault(tuple(request.prompt_ids), request)
                 if leader is not request:
                     self._leaders[id(request)] = leader
@@ -245,9 +249,27 @@ class Engine:
             if params.adjusts_logits:
                 self._ready_slot(seq)
             self._promised += need - len(blocks)
+            if leader is not None:
+                self._copy_partial_block(seq, leader)
             self.stats.prompt_tokens += len(prompt)
             self.stats.cached_prompt_tokens += seq.cached_tokens
             self._prefilling.append(seq)
+
+    def _copy_partial_block(self, seq: Sequence, leader: Request) -> None:
+        """Gives a sibling a copy of its leader's block past the shared full ones, when the
+        leader still holds it, so that only the prompt's last token is left to compute. The
+        copy may hold the leader's first new tokens past the prompt: the sibling writes its
+        own there before it ever reads them."""
+        P = self.layout.block_size
+        held = next((s for s in self._decoding if s.request is leader), None)
+        index = len(seq.blocks)
+        if held is None or index >= len(held.blocks) or seq.num_prompt - 1 <= index * P:
+            return
+        self._grow(seq, (index + 1) * P)
+        self.programs.copy_block(held.blocks[index], seq.blocks[index])
+        copied = seq.num_prompt - 1 - seq.computed
+        seq.computed += copied
+        seq.cached_tokens += copied
 
     def _prefill_pending(self, leader: Request) -> bool:
         """Whether `leader` is still waiting or prefilling."""
