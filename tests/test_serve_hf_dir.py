@@ -126,12 +126,14 @@ def test_model_with_workdir_flags_exits_2_with_one_line(other):
     assert_user_error(result, "--model=", other.split("=")[0])
 
 
-def test_neither_model_nor_workdir_and_a_missing_tokenizer_exit_2(tmp_path):
+def test_no_model_a_missing_tokenizer_and_a_bad_generation_config_exit_2(tmp_path):
     assert_user_error(serve_cli("--experiment=lm_1b"), "--model=DIR", "--workdir=DIR")
     model = tmp_path / "model"
     shutil.copytree(FIXTURES / "llama", model)
     (model / "tokenizer.json").unlink()
     assert_user_error(serve_cli(f"--model={model}"), "tokenizer.json")
+    assert_user_error(serve_cli(f"--model={FIXTURES / 'llama'}", "--generation_config=greedy"),
+                      "--generation_config=greedy")
 
 
 def test_a_directory_config_is_its_architecture_over_the_schema_defaults():
@@ -203,6 +205,16 @@ def test_generation_config_sets_the_stop_ids_and_the_request_defaults(tmp_path):
     assert ignored["choices"][0]["finish_reason"] == "length"
     assert ignored["usage"]["completion_tokens"] == 6
     assert ignored["choices"][0]["text"] == tokenizer.decode(greedy[:6])
+
+    # --generation_config=vllm, as vLLM's: the file's stop ids stay, its defaults do not.
+    running = ServeProcess(tmp_path, f"--model={model}", "--generation_config=vllm", *SMALL)
+    try:
+        stopped = complete(running, reference, temperature=0)
+        ignored = complete(running, reference, temperature=0, ignore_eos=True)
+    finally:
+        assert running.stop() == 0
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert ignored["usage"]["completion_tokens"] == 16  # --default_max_tokens
 
 
 def test_an_exported_instruct_model_chats_and_stops_on_its_turn_end(tmp_path):

@@ -70,6 +70,11 @@ flags.DEFINE_integer("max_model_len", None, "--model: the longest prompt and rep
                      "max_position_embeddings).", flag_values=FLAGS)
 flags.DEFINE_string("served_model_name", None, "The model name clients send (default: the "
                     "experiment's name, or the --model string as given).", flag_values=FLAGS)
+flags.DEFINE_string("generation_config", "auto", "Where the stop ids and the defaults of "
+                    "unset request fields (temperature, top_p, top_k, min_p, "
+                    "repetition_penalty, max_tokens) come from, as in vLLM: auto, the model's "
+                    "generation_config.json (else its config.json); vllm, the stop ids alone; "
+                    "or a directory holding a generation_config.json.", flag_values=FLAGS)
 flags.DEFINE_string("host", "127.0.0.1", "The address to listen on.", flag_values=FLAGS)
 flags.DEFINE_integer("port", 8000, "The port to listen on; 0 picks a free one.",
                      flag_values=FLAGS)
@@ -148,13 +153,24 @@ def parse_origins(value: str | None) -> tuple[str, ...]:
     return origins
 
 
-def _model_files(settings_dir: Path, tokenizer):
+def _model_files(settings_dir: Path, tokenizer, generation_config: str = "auto"):
     """The generation settings and chat template of the model's files in `settings_dir`,
-    read before any weight so a mistake in them costs no loading time."""
+    read before any weight so a mistake in them costs no loading time. As vLLM's
+    `--generation-config`: `vllm` keeps the stop ids but none of the request defaults, and a
+    directory replaces the model's settings with its own."""
     from scaling.interop.hf_generation import read_generation_settings
     from scaling.serving.chat import ChatTemplate
 
-    return read_generation_settings(settings_dir, tokenizer), ChatTemplate(settings_dir)
+    source = settings_dir
+    if generation_config not in ("auto", "vllm"):
+        source = Path(generation_config)
+        if not source.is_dir():
+            raise UserError(f"--generation_config={generation_config}: expected auto, vllm, "
+                            "or a directory holding a generation_config.json")
+    settings = read_generation_settings(source, tokenizer)
+    if generation_config == "vllm":
+        settings = dataclasses.replace(settings, defaults={})
+    return settings, ChatTemplate(settings_dir)
 
 
 def _service(model_parts: tuple, tokenizer, model_files: tuple, name: str,
@@ -172,7 +188,8 @@ def _service(model_parts: tuple, tokenizer, model_files: tuple, name: str,
 
 def load_service(workdir: Path, experiment: str | None, overrides: list[str],
                  checkpoint_step: int | None, options: EngineOptions,
-                 served_model_name: str | None = None, default_max_tokens: int = 16):
+                 served_model_name: str | None = None, default_max_tokens: int = 16,
+                 generation_config: str = "auto"):
     """The workdir's model restored on its mesh, compiled into an engine, behind a service."""
     from scaling.config import experiments as config_lib
     from scaling.data.tokenizer import TOKENIZER_DIR
@@ -189,7 +206,7 @@ def load_service(workdir: Path, experiment: str | None, overrides: list[str],
                         "classifier's export with --artifact=DIR")
     provenance.check_model_config(Path(workdir), config, False)
     tokenizer = workdir_tokenizer(config, Path(workdir))
-    model_files = _model_files(Path(workdir) / TOKENIZER_DIR, tokenizer)
+    model_files = _model_files(Path(workdir) / TOKENIZER_DIR, tokenizer, generation_config)
     restored = restore.load(config, Path(workdir), checkpoint_step, experiment=module)
     params = restored.params
     model_config = restored.model.config
@@ -223,13 +240,14 @@ def hf_directory_config(directory: Path, overrides: list[str], dtype: str = "flo
 
 def load_hf_service(directory: Path, overrides: list[str], options: EngineOptions,
                     served_model_name: str, default_max_tokens: int = 16,
-                    dtype: str = "float32", max_model_len: int | None = None):
+                    dtype: str = "float32", max_model_len: int | None = None,
+                    generation_config: str = "auto"):
     """A Hugging Face directory's model read onto the mesh, compiled, behind a service."""
     from scaling.inference import hf_model
 
     config = hf_directory_config(directory, overrides, dtype, max_model_len)
     tokenizer = hf_model.load_tokenizer(config)
-    model_files = _model_files(Path(directory), tokenizer)
+    model_files = _model_files(Path(directory), tokenizer, generation_config)
     loaded = hf_model.load(directory, config)
     return _service((loaded.model, loaded.params, loaded.mesh, loaded.rules), tokenizer,
                     model_files, served_model_name, options, default_max_tokens)
@@ -273,11 +291,12 @@ def run(argv: list[str]) -> None:
         service = load_hf_service(Path(FLAGS.model), overrides, engine_options(),
                                   FLAGS.served_model_name or FLAGS.model,
                                   FLAGS.default_max_tokens, FLAGS.dtype or "float32",
-                                  FLAGS.max_model_len)
+                                  FLAGS.max_model_len, FLAGS.generation_config)
     else:
         service = load_service(Path(FLAGS.workdir), FLAGS.experiment, overrides,
                                FLAGS.checkpoint_step, engine_options(),
-                               FLAGS.served_model_name, FLAGS.default_max_tokens)
+                               FLAGS.served_model_name, FLAGS.default_max_tokens,
+                               FLAGS.generation_config)
     limits = Limits(FLAGS.max_request_bytes, FLAGS.max_json_depth, FLAGS.body_timeout_s)
     asyncio.run(lm_server.serve(service, FLAGS.host, FLAGS.port, limits, FLAGS.idle_timeout_s,
                                 FLAGS.shutdown_grace_s, allowed_origins=origins))
