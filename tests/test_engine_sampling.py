@@ -335,3 +335,17 @@ def test_a_sibling_whose_leader_has_finished_computes_the_partial_block_itself(
     assert token_ids(leader) == want[:1] and token_ids(sibling) == want
     assert sibling[-1].cached_tokens == 40  # the full blocks only: the leader let go of its last
     assert engine.stats.prefill_tokens == 45 + 5
+
+
+def test_the_tokenizers_end_id_stops_with_no_stop_reason_after_min_tokens(
+        model_and_params, full_logits):
+    eos = TOKENIZER.eos_id
+    forced = ((eos, 100.0),)
+    want, _ = reference(full_logits, PROMPT, 10, stop_ids=(eos,), min_tokens=2, bias=forced)
+    at_once, held = served(make(model_and_params), [
+        (PROMPT, greedy(10, logit_bias=forced)),
+        (PROMPT, greedy(10, logit_bias=forced, min_tokens=2))])
+    assert token_ids(at_once) == [eos] and text(at_once) == ""
+    assert at_once[-1].finish_reason == "stop" and at_once[-1].stop_reason is None
+    assert token_ids(held) == want and want[2] == eos and eos not in want[:2]
+    assert text(held) == TOKENIZER.decode(want[:2]) and held[-1].completion_tokens == 3
