@@ -349,3 +349,13 @@ def test_the_tokenizers_end_id_stops_with_no_stop_reason_after_min_tokens(
     assert at_once[-1].finish_reason == "stop" and at_once[-1].stop_reason is None
     assert token_ids(held) == want and want[2] == eos and eos not in want[:2]
     assert text(held) == TOKENIZER.decode(want[:2]) and held[-1].completion_tokens == 3
+
+
+def test_min_p_keeps_only_tokens_near_the_likeliest(model_and_params, plain):
+    """min_p 1 leaves the likeliest token alone at any temperature; min_p 0 does not."""
+    hot = {"max_tokens": 16, "temperature": 2.0, "ignore_eos": True}
+    kept, free = served(make(model_and_params), [
+        (PROMPT, engine_lib.SamplingParams(seed=4, min_p=1.0, **hot)),
+        (PROMPT, engine_lib.SamplingParams(seed=4, min_p=0.0, **hot))])
+    assert token_ids(kept) == plain[0][:16]
+    assert token_ids(free) != plain[0][:16]

@@ -27,14 +27,14 @@ def test_fields_become_vllm_sampling_params():
     parsed = parse({"stop_token_ids": [7], "min_tokens": 2, "include_stop_str_in_output": True,
                     "skip_special_tokens": False, "logit_bias": {"5": 250, "6": -3},
                     "presence_penalty": 0.5, "frequency_penalty": -0.5,
-                    "repetition_penalty": 1.2, "top_k": -1, "n": 3, "seed": 9})
+                    "repetition_penalty": 1.2, "top_k": -1, "n": 3, "seed": 9, "min_p": 0.1})
     params = parsed.params
     assert params.stop_token_ids == (7,) and params.min_tokens == 2
     assert params.include_stop_str_in_output and not params.skip_special_tokens
     assert params.logit_bias == ((5, 100.0), (6, -3.0))  # clamped to ±100 as vLLM does
     assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == \
         (0.5, -0.5, 1.2)
-    assert params.top_k == 0 and parsed.n == 3 and params.seed == 9
+    assert params.top_k == 0 and parsed.n == 3 and params.seed == 9 and params.min_p == 0.1
     echo = parse({"echo": True, "max_tokens": 0, "logprobs": 3})
     assert echo.params.prompt_logprobs == 3 and echo.params.max_tokens == 0
 

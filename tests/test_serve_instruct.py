@@ -203,7 +203,8 @@ REFUSED = [
     ({"suffix": "x"}, "suffix"), ({"best_of": 3}, "best_of"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"max_tokens": 100000}, "max_tokens"), ({"logprobs": 21}, "logprobs"),
-    ({"min_p": 0.1}, "min_p"), ({"echo": True, "max_tokens": 0, "prompt": ""}, "prompt"),
+    ({"min_p": 1.5}, "min_p"), ({"logit_bias": {"100000": 1}}, "logit_bias"),
+    ({"echo": True, "max_tokens": 0, "prompt": ""}, "prompt"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "messages"),
 ]
 REFUSED_CHAT = [

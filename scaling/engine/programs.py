@@ -243,7 +243,8 @@ class Programs:
         """Settings of `rows` plain greedy rows, which no slot state touches."""
         return sampling.RowSettings(
             temperature_B=np.zeros((rows,), np.float32), top_k_B=np.zeros((rows,), np.int32),
-            top_p_B=np.ones((rows,), np.float32), seed_B=np.zeros((rows,), np.uint32),
+            top_p_B=np.ones((rows,), np.float32), min_p_B=np.zeros((rows,), np.float32),
+            seed_B=np.zeros((rows,), np.uint32),
             index_B=np.zeros((rows,), np.int32),
             slot_B=np.full((rows,), self.layout.max_num_seqs, np.int32),
             adjust_B=np.zeros((rows,), bool), mask_stops_B=np.zeros((rows,), bool),

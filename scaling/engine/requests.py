@@ -26,6 +26,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0  # tokens less likely than this share of the likeliest are not drawn
     seed: int = 0
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # alternatives to report per token (0 to 20); None: none

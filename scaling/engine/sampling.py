@@ -36,6 +36,7 @@ class RowSettings:
     temperature_B: jax.Array  # float32; 0 is greedy
     top_k_B: jax.Array  # int32; 0 keeps every token
     top_p_B: jax.Array  # float32; 1 keeps every token
+    min_p_B: jax.Array  # float32; tokens below this share of the likeliest one's are dropped
     seed_B: jax.Array  # uint32: the request's seed
     index_B: jax.Array  # int32: which new token of its request this row draws
     slot_B: jax.Array  # int32: the row's slot in `SlotState`; S (past it) for none
@@ -98,7 +99,7 @@ class Choice:
 
 
 def _filtered_draw(logits_BV: jax.Array, settings: RowSettings) -> jax.Array:
-    """A token per row from its temperature-scaled, top-k and top-p filtered softmax."""
+    """A token per row from its temperature-scaled, min-p, top-k and top-p filtered softmax."""
     V = logits_BV.shape[-1]
     order_BV = jnp.argsort(-logits_BV, axis=-1)
     sorted_BV = jnp.take_along_axis(logits_BV, order_BV, axis=-1)
@@ -107,6 +108,9 @@ def _filtered_draw(logits_BV: jax.Array, settings: RowSettings) -> jax.Array:
     rank_V = jnp.arange(V)
     k_B1 = jnp.where(settings.top_k_B > 0, settings.top_k_B, V)[:, None]
     keep_BV = rank_V[None, :] < k_B1
+    # min_p on the temperature-scaled distribution, before top-k and top-p, as vLLM orders
+    # them: a token's probability over the likeliest one's is its logit gap, exponentiated.
+    keep_BV &= jnp.exp(scaled_BV - scaled_BV[:, :1]) >= settings.min_p_B[:, None]
     probs_BV = jax.nn.softmax(jnp.where(keep_BV, scaled_BV, -jnp.inf), axis=-1)
     before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass of the tokens ranked above
     keep_BV &= before_BV < settings.top_p_B[:, None]

@@ -330,6 +330,7 @@ class Engine:
             settings.temperature_B[i] = params.temperature
             settings.top_k_B[i] = params.top_k
             settings.top_p_B[i] = params.top_p
+            settings.min_p_B[i] = params.min_p
             settings.seed_B[i] = params.seed % (1 << 32)
             settings.index_B[i] = seq.generated
             if params.adjusts_logits and (choosing is None or choosing[i]):

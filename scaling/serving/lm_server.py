@@ -86,6 +86,12 @@ class LanguageModelService:
     def prepare(self, parsed: openai_api.ParsedRequest, prompt) -> Prompt:
         """A prompt's ids and its budget of new tokens, refused when it does not fit."""
         param = "messages" if parsed.chat else "prompt"
+        vocab = self.tokenizer.vocab_size
+        for name, ids in (("logit_bias", [t for t, _ in parsed.params.logit_bias]),
+                          ("stop_token_ids", parsed.params.stop_token_ids)):
+            if ids and max(ids) >= vocab:
+                raise openai_api.bad(name, f"token id {max(ids)} is outside the vocabulary "
+                                     f"of {vocab}")
         if parsed.chat:
             ids = self.encode(self.render(prompt, parsed.chat_options),
                               parsed.add_special_tokens)

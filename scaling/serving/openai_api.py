@@ -26,7 +26,7 @@ LOGIT_BIAS_LIMIT = 100.0
 # Fields the API or vLLM define that this server does not act on: refused unless null or
 # their no-op value.
 REFUSED = {
-    "suffix": None, "min_p": 0, "use_beam_search": False, "length_penalty": 1,
+    "suffix": None, "use_beam_search": False, "length_penalty": 1,
     "truncate_prompt_tokens": None, "guided_json": None, "guided_regex": None,
     "guided_choice": None, "guided_grammar": None, "guided_decoding_backend": None,
     "structured_outputs": None, "prompt_logprobs": None, "chat_template": None,
@@ -295,6 +295,7 @@ def parse(body: Any, chat: bool, default_max_tokens: int,
         max_tokens=max_tokens, temperature=temperature,
         top_p=_number(body, "top_p", 1.0, float, 0.0, 1.0),
         top_k=_number(body, "top_k", 0, int, -1),
+        min_p=_number(body, "min_p", 0.0, float, 0.0, 1.0),
         seed=uuid.uuid4().int % (1 << 32) if seed is None else seed % (1 << 32),
         stop=_stop(body), stop_token_ids=_token_ids(body, "stop_token_ids"),
         ignore_eos=_flag(body, "ignore_eos", False),
