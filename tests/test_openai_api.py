@@ -109,10 +109,11 @@ class ScriptedEngine:
 def serve_scripted():
     started = []
 
-    def start(script):
+    def start(script, allowed_origins=()):
         engine = ScriptedEngine(script)
         service = lm_server.LanguageModelService(engine, "m", ChatTemplate(None), 16)
-        app = lm_server.make_app(service, Limits(1 << 20, 16, 10.0), ThreadPoolExecutor(1))
+        app = lm_server.make_app(service, Limits(1 << 20, 16, 10.0), ThreadPoolExecutor(1),
+                                 allowed_origins)
         loop = asyncio.new_event_loop()
         runner = web.AppRunner(app)
         loop.run_until_complete(runner.setup())
@@ -123,6 +124,7 @@ def serve_scripted():
         started.append((loop, runner))
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
                                max_retries=0, timeout=30)
+        client.port = port
         return engine, client
 
     yield start
@@ -167,3 +169,29 @@ def test_n_choices_stream_with_their_index_and_usage_last(serve_scripted):
     assert chunks[-1].usage.prompt_tokens == 2  # each prompt once, not once per choice
     seeds = sorted(r.params.seed for r in engine.submitted)
     assert seeds == [3, 3, 4, 4]  # choice j of each prompt draws with seed + j, as vLLM
+
+
+def test_allowed_origins_get_cross_origin_answers_and_others_do_not(serve_scripted):
+    import http.client
+
+    def script(request):
+        return [Event(request.request_id, "ok", (1,), finish_reason="length", prompt_tokens=1,
+                      completion_tokens=1)]
+
+    _, client = serve_scripted(script, allowed_origins=("https://app.example",))
+
+    def send(method, origin, extra=None):
+        connection = http.client.HTTPConnection("127.0.0.1", client.port, timeout=10)
+        body = b'{"model": "m", "prompt": "x"}' if method == "POST" else None
+        connection.request(method, "/v1/completions", body=body, headers={
+            "Origin": origin, "Content-Type": "application/json", **(extra or {})})
+        response = connection.getresponse()
+        response.read()
+        connection.close()
+        return response.status, response.getheader("Access-Control-Allow-Origin")
+
+    preflight = {"Access-Control-Request-Method": "POST"}
+    assert send("OPTIONS", "https://app.example", preflight) == (204, "https://app.example")
+    assert send("POST", "https://app.example") == (200, "https://app.example")
+    assert send("POST", "https://other.example") == (200, None)
+    assert send("OPTIONS", "https://other.example", preflight)[0] == 403

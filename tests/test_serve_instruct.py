@@ -269,3 +269,68 @@ def test_concurrent_streams_carry_the_same_text_as_alone(client, model):
 
     with concurrent.futures.ThreadPoolExecutor(len(chats)) as pool:
         assert list(pool.map(ask, chats)) == [c["text"] for c in chats]
+
+
+CHAT = REFERENCE["chats"][1]["messages"]
+# One request per honoured field of docs/serving.md's table, each sent whole and streamed.
+HONOURED = [
+    ("completions", {"max_tokens": 5}), ("chat", {"max_completion_tokens": 5}),
+    ("completions", {"temperature": 1.5, "top_p": 0.9, "top_k": 20, "min_p": 0.05,
+                     "seed": 7}),
+    ("chat", {"temperature": 1.5, "seed": 7, "n": 2}), ("completions", {"n": 3, "seed": 1}),
+    ("completions", {"best_of": 2, "n": 2, "seed": 2}), ("completions", {"stop": [" is"]}),
+    ("chat", {"stop": "apple"}), ("chat", {"stop_token_ids": [300]}),
+    ("chat", {"ignore_eos": True, "max_tokens": 9}), ("chat", {"min_tokens": 10}),
+    ("completions", {"stop": [" is"], "include_stop_str_in_output": True}),
+    ("chat", {"skip_special_tokens": False, "ignore_eos": True, "max_tokens": 12}),
+    ("completions", {"logprobs": 3}), ("chat", {"logprobs": True, "top_logprobs": 2}),
+    ("completions", {"echo": True, "logprobs": 2}), ("completions", {"logit_bias": {"70": 5}}),
+    ("chat", {"presence_penalty": 1.0, "frequency_penalty": 0.5}),
+    ("chat", {"repetition_penalty": 1.3}), ("completions", {"add_special_tokens": False}),
+    ("chat", {"add_generation_prompt": True, "chat_template_kwargs": {"unused": 1},
+              "documents": []}),
+    ("chat", {"user": "u", "metadata": {"a": "b"}, "store": False,
+              "parallel_tool_calls": False, "response_format": {"type": "text"}}),
+]
+
+
+@pytest.mark.parametrize("route, fields", HONOURED,
+                         ids=[f"{r}-{'-'.join(f)}" for r, f in HONOURED])
+def test_every_honoured_field_answers_alike_whole_and_streamed(server, model, route, fields):
+    """Sampling rows carry a seed, so the two answers must be the same text, choice for
+    choice; a stream ends each choice once, with the same finish reason."""
+    chat = route == "chat"
+    body = {"model": model, "temperature": 0, **fields,
+            **({"messages": CHAT} if chat else {"prompt": "The sky is"})}
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    status, whole = server.request("POST", path, body)
+    assert status == 200, whole
+    texts = {c["index"]: (c["message"]["content"] if chat else c["text"])
+             for c in whole["choices"]}
+    reasons = {c["index"]: c["finish_reason"] for c in whole["choices"]}
+    assert sorted(texts) == list(range(fields.get("n", 1)))
+    streamed, ended = stream_texts(server, path, body, chat)
+    assert streamed == texts and ended == reasons
+
+
+def stream_texts(server, path, body, chat) -> tuple[dict, dict]:
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    connection.request("POST", path, body=json.dumps({**body, "stream": True}),
+                       headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+    texts, reasons = {}, {}
+    for line in response.read().decode().splitlines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[len("data: "):])
+        for choice in chunk["choices"]:
+            piece = (choice["delta"].get("content") or "") if chat else choice["text"]
+            texts[choice["index"]] = texts.get(choice["index"], "") + piece
+            if choice["finish_reason"] is not None:
+                assert choice["index"] not in reasons
+                reasons[choice["index"]] = choice["finish_reason"]
+    connection.close()
+    return texts, reasons
