@@ -198,7 +198,7 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: Path,
                          tokenizer.eos_id if has_hf_tokenizer else None)
     kept = Path(workdir) / TOKENIZER_DIR
     if has_hf_tokenizer and (kept / hf_generation.KEPT_MODEL_CONFIG).is_file():
-        source = hf_generation.read_json_object(kept / hf_generation.KEPT_MODEL_CONFIG)
+        source = hf_config.read_json_object(kept / hf_generation.KEPT_MODEL_CONFIG)
         hf.update({key: source[key] for key in ("bos_token_id", "eos_token_id")
                    if source.get(key) is not None})  # an instruct model's list of eos ids
     (staging / hf_config.CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")

@@ -38,13 +38,18 @@ def read(directory: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: missing; a Hugging Face model directory holds "
                         f"{CONFIG_FILE} beside its *.safetensors")
+    return read_json_object(path)
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object, as every file of a model directory does."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: holds {type(config).__name__}, not a JSON object")
-    return config
+        raise UserError(f"{path}: not readable JSON ({e}); fix or delete the file") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def model_fields(hf: dict, path: Path) -> dict[str, Any]:

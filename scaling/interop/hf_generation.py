@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from scaling.errors import UserError
+from scaling.interop.hf_config import read_json_object
 
 GENERATION_CONFIG = "generation_config.json"
 MODEL_CONFIG = "config.json"
@@ -57,16 +58,6 @@ def settings_file(directory: Path) -> Path | None:
         if path.is_file():
             return path
     return None
-
-
-def read_json_object(path: Path) -> dict:
-    try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not readable JSON ({e}); fix or delete the file") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path}: holds a JSON {type(value).__name__}, not an object")
-    return value
 
 
 def eos_ids(settings: dict, path: Path) -> list[int]:

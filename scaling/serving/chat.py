@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 
 from scaling.errors import UserError
+from scaling.interop.hf_config import read_json_object
 
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
@@ -37,16 +38,6 @@ SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token"
 
 def plain(messages: list[dict]) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        found = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read it ({e})") from None
-    if not isinstance(found, dict):
-        raise UserError(f"{path}: holds {type(found).__name__}, not a JSON object")
-    return found
 
 
 def _piece(value) -> str | None:
@@ -66,11 +57,11 @@ def find_templates(directory: Path) -> tuple[dict[str, str], Path | None]:
         templates["default"] = source.read_text(encoding="utf-8")
     elif (directory / TEMPLATE_JSON).is_file():
         source = directory / TEMPLATE_JSON
-        found = _read_json(source).get("chat_template")
+        found = read_json_object(source).get("chat_template")
         if isinstance(found, str):
             templates["default"] = found
     elif config_path.is_file():
-        found = _read_json(config_path).get("chat_template")
+        found = read_json_object(config_path).get("chat_template")
         source = config_path
         if isinstance(found, str):
             templates["default"] = found
@@ -92,7 +83,7 @@ def special_pieces(directory: Path) -> dict[str, str]:
     for name in (SPECIAL_TOKENS_MAP, HF_TOKENIZER_CONFIG):
         path = directory / name
         if path.is_file():
-            config = _read_json(path)
+            config = read_json_object(path)
             pieces.update({key: piece for key in SPECIAL_NAMES
                            if (piece := _piece(config.get(key))) is not None})
     return pieces
