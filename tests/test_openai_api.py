@@ -14,7 +14,7 @@ from scaling.data.tokenizer import ByteTokenizer
 from scaling.engine import Event
 from scaling.serving import lm_server, openai_api
 from scaling.serving.chat import ChatTemplate
-from scaling.serving.server import Limits
+from scaling.serving.protocol import Limits
 
 
 def parse(body: dict, chat: bool = False, defaults=None) -> openai_api.ParsedRequest:

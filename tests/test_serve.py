@@ -256,7 +256,8 @@ def test_health_checks_answer_while_a_large_body_is_parsed():
     for it, since bodies are parsed on worker threads, not on the event loop."""
     from aiohttp.test_utils import TestClient, TestServer
 
-    from scaling.serving.server import Limits, make_app
+    from scaling.serving.protocol import Limits
+    from scaling.serving.server import make_app
 
     class SlowModel:
         num_classes, label_names, metadata = 2, ("a", "b"), {}

@@ -4,10 +4,14 @@ Nothing here imports JAX at module level, so a dataset can start loading while t
 the framework is still being imported (`read_ahead`).
 """
 
+import sys
+from pathlib import Path
+
 import ml_collections
 import numpy as np
 
 from scaling.data.dataset import ArrayDataset
+from scaling.data.tokenizer import TOKENIZER_DIR, Tokenizer, load_tokenizer, make_tokenizer
 from scaling.errors import UserError
 
 IMAGE_DATASETS = ("mnist", "fashion_mnist")
@@ -35,6 +39,30 @@ def load_dataset(config: ml_collections.ConfigDict) -> ArrayDataset:
 
         return sft.load_sft_dataset(config)
     raise _unknown(config.data.name)
+
+
+def workdir_tokenizer(config: ml_collections.ConfigDict, workdir: Path) -> Tokenizer:
+    """The tokenizer saved in the workdir at training time, for sampling and serving.
+
+    A workdir trained before tokenizers were saved has none; then a byte or SentencePiece
+    tokenizer is rebuilt from the config, and a character vocabulary from the corpus, which
+    must still be where the config says. It lives here, beside `load_dataset`, rather than in
+    `tokenizer`, because that fallback loads the dataset, whose text loaders import `tokenizer`.
+    """
+    saved = load_tokenizer(Path(workdir) / TOKENIZER_DIR)
+    if saved is not None:
+        return saved
+    data = config.data
+    if data.tokenizer != "char":
+        return make_tokenizer(data.tokenizer, "", data.tokenizer_model)
+    print(f"note: {Path(workdir) / TOKENIZER_DIR} is absent (trained before tokenizers were "
+          "saved); rebuilding the character vocabulary from the corpus", file=sys.stderr)
+    try:
+        return load_dataset(config).tokenizer
+    except UserError as e:
+        raise UserError(f"--workdir={workdir}: holds no saved tokenizer and the corpus that "
+                        f"defines its character vocabulary cannot be loaded ({e}); make the "
+                        "corpus available, or re-run training to save the tokenizer") from None
 
 
 def read_ahead(config: ml_collections.ConfigDict) -> None:

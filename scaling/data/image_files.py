@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from scaling.artifact.pixels import as_pixel_batch
 from scaling.errors import UserError
-from scaling.serving.pixels import as_pixel_batch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARRAY_SUFFIXES = (".npy",)

@@ -2,7 +2,7 @@
 
 The exported function is `predict.prediction_outputs` itself, preprocessing included, traced
 once with a symbolic batch dimension and lowered to StableHLO for CPU, CUDA and TPU; the
-directory layout is described in `scaling.serving.artifact`, whose loader reads it. Optionally the
+directory layout is described in `scaling.artifact.loader`, which reads it. Optionally the
 weight matrices are stored as int8 with one float scale per output unit (weight-only,
 symmetric), dequantized inside the function; activations stay in float. Every export is
 loaded back through that loader and compared with the checkpoint before it replaces anything,
@@ -29,7 +29,14 @@ import ml_collections
 import numpy as np
 from jax import export as jax_export
 
-from scaling import serving
+from scaling import artifact
+from scaling.artifact.loader import (
+    FORMAT,
+    FUNCTION_FILE,
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    ServedModel,
+)
 from scaling.data import element_spec, heldout
 from scaling.errors import UserError
 from scaling.inference.predict import (
@@ -38,13 +45,6 @@ from scaling.inference.predict import (
     load_predictor,
     prediction_outputs,
     require_classifier,
-)
-from scaling.serving.artifact import (
-    FORMAT,
-    FUNCTION_FILE,
-    METADATA_FILE,
-    WEIGHTS_FILE,
-    ServedModel,
 )
 
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -211,7 +211,7 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: Path, options:
     try:
         write_files(staging, exported, weights, metadata)
         metadata["accuracy"] = (None if samples is None else
-                                compare_on_samples(predictor, serving.load(staging), samples))
+                                compare_on_samples(predictor, artifact.load(staging), samples))
         write_metadata(staging, metadata)
         publish(staging, destination)
     except OSError as e:

@@ -28,13 +28,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from scaling.artifact.pixels import pad_batch
+from scaling.artifact.postprocess import DEFAULT_TOP_K, resolve_top_k, top_k_records
 from scaling.data import element_spec
 from scaling.data.image_files import read_inputs
 from scaling.errors import UserError
 from scaling.inference import restore
 from scaling.models.forward import eval_logits
-from scaling.serving.pixels import pad_batch
-from scaling.serving.postprocess import DEFAULT_TOP_K, resolve_top_k, top_k_records
 from scaling.sharding import mesh as mesh_lib
 
 IMAGE_KEY = "image"

@@ -14,16 +14,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from scaling.data import workdir_tokenizer
 from scaling.data.preprocess import LANGUAGE_TASKS
-from scaling.data.tokenizer import TOKENIZER_DIR, Tokenizer, load_tokenizer
 from scaling.errors import UserError
 from scaling.inference import restore
 from scaling.models import paged
@@ -158,33 +156,6 @@ def sample_text(model, params, tokenizer, options: SampleOptions) -> str:
         tokens.extend(new_tokens)
         produced += num_new
     return tokenizer.decode(tokens)
-
-
-def workdir_tokenizer(config: ml_collections.ConfigDict, workdir: Path) -> Tokenizer:
-    """The tokenizer saved in the workdir at training time.
-
-    A workdir trained before tokenizers were saved has none; then a byte or SentencePiece
-    tokenizer is rebuilt from the config, and a character vocabulary from the corpus, which
-    must still be where the config says.
-    """
-    saved = load_tokenizer(Path(workdir) / TOKENIZER_DIR)
-    if saved is not None:
-        return saved
-    from scaling.data.tokenizer import make_tokenizer
-
-    data = config.data
-    if data.tokenizer != "char":
-        return make_tokenizer(data.tokenizer, "", data.tokenizer_model)
-    from scaling.data import load_dataset
-
-    print(f"note: {Path(workdir) / TOKENIZER_DIR} is absent (trained before tokenizers were "
-          "saved); rebuilding the character vocabulary from the corpus", file=sys.stderr)
-    try:
-        return load_dataset(config).tokenizer
-    except UserError as e:
-        raise UserError(f"--workdir={workdir}: holds no saved tokenizer and the corpus that "
-                        f"defines its character vocabulary cannot be loaded ({e}); make the "
-                        "corpus available, or re-run training to save the tokenizer") from None
 
 
 def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir, options: SampleOptions,

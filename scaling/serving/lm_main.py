@@ -192,9 +192,9 @@ def load_service(workdir: Path, experiment: str | None, overrides: list[str],
                  generation_config: str = "auto"):
     """The workdir's model restored on its mesh, compiled into an engine, behind a service."""
     from scaling.config import experiments as config_lib
+    from scaling.data import workdir_tokenizer
     from scaling.data.tokenizer import TOKENIZER_DIR
     from scaling.inference import restore
-    from scaling.inference.sample import workdir_tokenizer
     from scaling.models import lora
     from scaling.runtime import provenance
 
@@ -283,7 +283,6 @@ def run(argv: list[str]) -> None:
     origins = parse_origins(FLAGS.allowed_origins)
     from scaling.runtime import compile_cache
     from scaling.serving import lm_server
-    from scaling.serving.server import Limits
 
     compile_cache.enable(FLAGS.compilation_cache_dir)
 
@@ -297,7 +296,7 @@ def run(argv: list[str]) -> None:
                                FLAGS.checkpoint_step, engine_options(),
                                FLAGS.served_model_name, FLAGS.default_max_tokens,
                                FLAGS.generation_config)
-    limits = Limits(FLAGS.max_request_bytes, FLAGS.max_json_depth, FLAGS.body_timeout_s)
+    limits = protocol.Limits(FLAGS.max_request_bytes, FLAGS.max_json_depth, FLAGS.body_timeout_s)
     asyncio.run(lm_server.serve(service, FLAGS.host, FLAGS.port, limits, FLAGS.idle_timeout_s,
                                 FLAGS.shutdown_grace_s, allowed_origins=origins))
 

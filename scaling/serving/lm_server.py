@@ -35,7 +35,7 @@ from aiohttp import web
 from scaling.engine import Engine, Event, QueueFull, Request, TokenLogprob
 from scaling.serving import openai_api, protocol
 from scaling.serving.chat import ChatTemplate
-from scaling.serving.server import Limits
+from scaling.serving.protocol import Limits
 
 
 @dataclasses.dataclass(frozen=True)

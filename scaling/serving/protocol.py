@@ -13,6 +13,7 @@ in the handler, and JSON depth is checked before parsing (`json_depth`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import re
@@ -22,6 +23,21 @@ from http import HTTPStatus
 from aiohttp import web, web_protocol, web_server
 
 from scaling.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request may cost either server: body size, JSON depth and the time to send it.
+
+    Both servers (the classifier's and the language model's) take the same three flags and
+    hold requests to them the same way, so the limits live here with the rest of what the
+    two share rather than in either server.
+    """
+
+    max_request_bytes: int = 4 << 20
+    max_json_depth: int = 16
+    body_timeout_s: float = 30.0
+
 
 _STRUCTURE = re.compile(rb'[\[\]{}"\\]')
 

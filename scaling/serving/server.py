@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -41,10 +40,11 @@ import numpy as np
 from absl import flags, logging
 from aiohttp import web
 
+from scaling import artifact
+from scaling.artifact.postprocess import DEFAULT_TOP_K, resolve_top_k, top_k_records
 from scaling.errors import UserError, exit_on_error
 from scaling.runtime import platforms
-from scaling.serving import artifact, protocol
-from scaling.serving.postprocess import DEFAULT_TOP_K, resolve_top_k, top_k_records
+from scaling.serving import protocol
 
 # The server's own flags, apart from the trainer's: its --help lists only these.
 FLAGS = flags.FlagValues()
@@ -175,14 +175,7 @@ def parse_request(body: bytes, model: artifact.ServedModel,
                                                                "top_k")
 
 
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    max_request_bytes: int = 4 << 20
-    max_json_depth: int = 16
-    body_timeout_s: float = 30.0
-
-
-def make_app(model: artifact.ServedModel, batcher: Batcher, limits: Limits,
+def make_app(model: artifact.ServedModel, batcher: Batcher, limits: protocol.Limits,
              parser: ThreadPoolExecutor) -> web.Application:
     """The routes. Bodies are parsed on `parser`'s threads, so the event loop (and with it
     /healthz) keeps answering while a large body is decoded."""
@@ -244,7 +237,7 @@ def make_app(model: artifact.ServedModel, batcher: Batcher, limits: Limits,
 
 
 async def serve(model: artifact.ServedModel, host: str, port: int, max_batch_size: int,
-                max_wait_ms: float, limits: Limits, idle_timeout_s: float = 30.0,
+                max_wait_ms: float, limits: protocol.Limits, idle_timeout_s: float = 30.0,
                 shutdown_grace_s: float = 30.0) -> None:
     """Serve until SIGTERM or SIGINT, then finish the requests in flight (for at most
     `shutdown_grace_s`) and return."""
@@ -278,7 +271,7 @@ def run(argv: list[str]) -> None:
                                     *protocol.LIMIT_MINIMUMS))
     model = artifact.load(FLAGS.artifact, FLAGS.max_batch_size)
     model.warm_up()
-    limits = Limits(FLAGS.max_request_bytes, FLAGS.max_json_depth, FLAGS.body_timeout_s)
+    limits = protocol.Limits(FLAGS.max_request_bytes, FLAGS.max_json_depth, FLAGS.body_timeout_s)
     asyncio.run(serve(model, FLAGS.host, FLAGS.port, FLAGS.max_batch_size, FLAGS.max_wait_ms,
                       limits, FLAGS.idle_timeout_s, FLAGS.shutdown_grace_s))
 

@@ -1,6 +1,6 @@
 """The standalone loader: run an exported model with jax and numpy alone.
 
-    model = scaling.serving.load("runs/fashion_mnist_mlp/export")
+    model = scaling.artifact.load("runs/fashion_mnist_mlp/export")
     model.predict(images, top_k=3)   # uint8 images, shape (n, 28, 28, 1) or (n, 28, 28)
 
 A deployment host needs neither flax nor the experiment code nor the training data: the
@@ -29,9 +29,9 @@ import jax
 import numpy as np
 from jax import export as jax_export
 
+from scaling.artifact.pixels import as_pixel_batch, pad_batch
+from scaling.artifact.postprocess import DEFAULT_TOP_K, resolve_top_k, top_k_records
 from scaling.errors import UserError
-from scaling.serving.pixels import as_pixel_batch, pad_batch
-from scaling.serving.postprocess import DEFAULT_TOP_K, resolve_top_k, top_k_records
 
 FUNCTION_FILE = "model.jax_export"
 WEIGHTS_FILE = "weights.npz"

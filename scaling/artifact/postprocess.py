@@ -1,7 +1,7 @@
 """Post-processing: class probabilities to the argmax label and the top-k classes, by name.
 
 Shared by `--mode=predict`, the standalone loader and the HTTP server, so a prediction reads
-the same wherever it is made. Only numpy here: the serving side must stay light.
+the same wherever it is made. Only numpy here: the artifact's loader must stay light.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Files given to `--mode=predict` and JSON sent to the server are held to the same rule, so a
 request the server accepts is exactly one that predict would accept. Only numpy here, because
-the serving side imports it.
+the artifact's loader, which a deployment host runs without flax, imports it.
 """
 
 from __future__ import annotations
