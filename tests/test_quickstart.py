@@ -2,8 +2,10 @@
 trains it, ends inside the accuracy band the README states.
 
 The band is wide enough for the drift that new releases of jax, flax and optax bring (0.8840
-on jax 0.10.2, 0.8797 on newer ones) and narrow enough to catch a real regression: a wrong
-learning rate, a broken input scaling or a lost epoch all land well outside it.
+on jax 0.10.2, 0.8813 on jax 0.12.0.1, 0.8797 on others; the last epochs move by about 0.005
+from one to the next) and narrow enough to catch a regression: the same run reads 0.8155,
+0.8602, 0.8657 and 0.8661 after its first four epochs, so training that stops early, learns
+slower or scales its inputs wrongly lands outside it.
 """
 
 import re
@@ -11,8 +13,11 @@ import re
 import pytest
 from conftest import REPO, run_cli
 
-# The README's "test accuracy between 0.86 and 0.90".
-ACCURACY_BAND = (0.86, 0.90)
+# The README's "test accuracy between 0.87 and 0.90".
+ACCURACY_BAND = (0.87, 0.90)
+# The final test loss read 0.3340 and 0.3444; far above that the objective is broken, even
+# where the accuracy holds.
+MAX_LOSS = 0.40
 FINAL_LINE = re.compile(r"^final test loss (\d+\.\d+) accuracy (\d+\.\d+) \((\d+) examples\)$",
                         re.M)
 
@@ -42,3 +47,4 @@ def test_quick_start_accuracy_is_inside_the_band(tmp_path, fashion_mnist_availab
     assert low <= float(accuracy) <= high, (
         f"final test accuracy {accuracy} (loss {loss}) is outside the README's band "
         f"{low}-{high}")
+    assert float(loss) < MAX_LOSS, f"final test loss {loss} (accuracy {accuracy})"
