@@ -252,10 +252,10 @@ class Programs:
             repetition_B=np.ones((rows,), np.float32))
 
     def admit_slot(self, slot: int, prompt_seen_V: np.ndarray, bias_V: np.ndarray,
-                   stop_V: np.ndarray) -> None:
+                   stop_V: np.ndarray, output_counts_V: np.ndarray) -> None:
         """Readies a slot's state for a request that adjusts its logits."""
         self.slot_state = self._slot_admitter()(self.slot_state, np.int32(slot), prompt_seen_V,
-                                                bias_V, stop_V)
+                                                bias_V, stop_V, output_counts_V)
 
     def copy_block(self, source: int, target: int) -> None:
         """Copies one block's keys and values (a shared prompt's last, partial block)."""
@@ -270,7 +270,7 @@ class Programs:
             V = self.model.config.vocab_size
             self._compiled_admit = self._admit_slot.lower(
                 self.slot_state, np.int32(0), np.zeros((V,), bool), np.zeros((V,), np.float32),
-                np.zeros((V,), bool)).compile()
+                np.zeros((V,), bool), np.zeros((V,), np.int32)).compile()
             self.compiles += 1
         return self._compiled_admit
 

@@ -65,9 +65,11 @@ class SlotState:
 
 
 def admit(state: SlotState, slot: jax.Array, prompt_seen_V: jax.Array, bias_V: jax.Array,
-          stop_V: jax.Array) -> SlotState:
-    """The state with one slot made ready for a new request: no output yet."""
-    return SlotState(output_counts_SV=state.output_counts_SV.at[slot].set(0),
+          stop_V: jax.Array, output_counts_V: jax.Array) -> SlotState:
+    """The state with one slot made ready for a request: no output yet, or, for a request
+    resumed after preemption, the counts of what it had generated, so its penalties go on
+    as if it had never stopped."""
+    return SlotState(output_counts_SV=state.output_counts_SV.at[slot].set(output_counts_V),
                      prompt_seen_SV=state.prompt_seen_SV.at[slot].set(prompt_seen_V),
                      bias_SV=state.bias_SV.at[slot].set(bias_V),
                      stop_SV=state.stop_SV.at[slot].set(stop_V))

@@ -9,10 +9,17 @@ Chunked prefill: a prompt is computed `prefill_chunk` tokens at a time, and the 
 alternates one chunk with one decode step, so a long prompt delays the running streams by one
 chunk's time per token rather than by its whole prefill.
 
-Blocks: a request is admitted only when the blocks its prompt and `max_tokens` can fill (up to
-the context) are free or promised to nobody, less the blocks its prompt finds in the prefix
-cache. Blocks are still taken one at a time as positions fill, but a running request can never
-run out: when blocks are short, new requests wait, and nothing running is disturbed.
+Blocks, as vLLM takes them: a request is admitted when its prompt's blocks (less those found
+in the prefix cache), and a small watermark besides, are free and not owed to prompts already
+admitted; after that it takes blocks one at a time as positions fill. Clients ask for a large
+`max_tokens` and stop early, so reserving the worst case would leave most of the pool idle.
+When a running request needs a block and none is free, the most recently admitted request is
+preempted: its blocks go back (its full ones stay in the prefix cache), and it returns to the
+head of the queue. Resumed, its prompt and the tokens it had generated are its new prompt, so it
+recomputes them, mostly from the prefix cache, and goes on drawing where it stopped: nothing
+already streamed is sent again, and its draws (keyed by seed and token index) and penalty
+counts continue as if it had never stopped. The oldest request is never preempted for a
+younger one, so it always progresses.
 
 Siblings: requests submitted together (`submit_many`, e.g. a request's n choices) with the
 same prompt wait behind the first of them until its prompt is prefilled, then take its full
@@ -60,7 +67,8 @@ class Sequence:
 
     request: Request
     tokens: list[int]
-    need: int  # blocks it may fill, promised to it at admission
+    prefill_to: int  # tokens to compute before it decodes: its prompt, or all it had if resumed
+    admitted: int  # admission order (a resumed request counts as admitted anew)
     blocks: list[int] = dataclasses.field(default_factory=list)
     computed: int = 0  # tokens whose keys and values are in the cache
     hashed: int = 0  # leading blocks registered in the prefix cache
@@ -80,7 +88,12 @@ class Sequence:
 
     @property
     def prefilling(self) -> bool:
-        return self.computed < self.num_prompt
+        return self.computed < self.prefill_to
+
+    @property
+    def echoing(self) -> bool:
+        """Whether its prefill must report the prompt's logprobs (none are out yet)."""
+        return self.request.params.prompt_logprobs is not None and self.generated == 0
 
 
 class Engine:
@@ -104,7 +117,12 @@ class Engine:
         self._wake = threading.Condition()
         self._prefilling: list[Sequence] = []
         self._decoding: list[Sequence] = []  # at most max_num_seqs, prefilling included
-        self._promised = 0  # blocks promised to admitted sequences and not yet taken
+        # Preempted sequences, resumed before any waiting request, the first one first.
+        self._preempted: collections.deque[Sequence] = collections.deque()
+        self._admissions = 0
+        # Blocks kept free when admitting beside running requests, so that they can grow a
+        # while before anyone is preempted (vLLM keeps 1% of the pool).
+        self.watermark = max(1, self.layout.num_blocks // 100)
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0
@@ -157,7 +175,7 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + len(self._preempted)
 
     @property
     def running(self) -> int:
@@ -168,7 +186,8 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not (self._stopping or self._waiting or self._aborted or self.running):
+                while not (self._stopping or self._waiting or self._aborted or self.running
+                           or self._preempted):
                     self._wake.wait()
                 if self._stopping:
                     break
@@ -206,54 +225,108 @@ class Engine:
                     self._leaders.pop(id(request), None)
                     request.on_event(Event(request.request_id, "", (), finish_reason="abort"))
             self._waiting = collections.deque(kept)
-        for seq in [*self._prefilling, *self._decoding]:
+        for seq in [*self._prefilling, *self._decoding, *self._preempted]:
             if seq.request.request_id in aborted:
                 self._finish(seq, "abort")
 
     def _free_slots(self) -> int:
         return self.layout.max_num_seqs - len(self._decoding) - len(self._prefilling)
 
+    @property
+    def _promised(self) -> int:
+        """Blocks that admitted prompts will take before they decode and do not hold yet."""
+        P = self.layout.block_size
+        return sum(max(0, math.ceil(s.prefill_to / P) - len(s.blocks))
+                   for s in self._prefilling)
+
     def _admit(self) -> None:
-        """Moves waiting requests, oldest first, into prefill while slots and blocks last."""
+        """Moves preempted sequences, then waiting requests, oldest first, into prefill
+        while slots and blocks last."""
         P = self.layout.block_size
         while self._free_slots() > 0:
+            seq, leader = None, None
             with self._wake:
-                if not self._waiting:
+                if self._preempted:
+                    seq = self._preempted[0]
+                    request = seq.request
+                elif self._waiting:
+                    request = self._waiting[0]
+                    leader = self._leaders.get(id(request))
+                    if leader is not None and self._prefill_pending(leader):
+                        return  # a sibling waits until its leader's blocks are in the cache
+                else:
                     return
-                request = self._waiting[0]
-                leader = self._leaders.get(id(request))
-                if leader is not None and self._prefill_pending(leader):
-                    return  # a sibling waits until its leader's blocks are in the cache
             params = request.params
-            prompt = request.prompt_ids
-            total = min(len(prompt) + params.max_tokens, self.layout.max_seq_len)
-            need = math.ceil(total / P)
+            tokens = seq.tokens if seq is not None else request.prompt_ids
             blocks, key = [], b""
-            if params.prompt_logprobs is None:
-                blocks, key = self.pool.match_prefix(prompt, (len(prompt) - 1) // P)
-            if self.pool.available - self._promised < need - len(blocks):
+            echo = seq.echoing if seq is not None else params.prompt_logprobs is not None
+            if not echo:  # an echo needs every position's logits
+                blocks, key = self.pool.match_prefix(tokens, (len(tokens) - 1) // P)
+            need = math.ceil(len(tokens) / P) - len(blocks)
+            spare = self.watermark if self.running else 0
+            if self.pool.available - self._promised - spare < need:
                 self.pool.release(blocks)
                 return  # the oldest waits for blocks; younger ones wait behind it
-            with self._wake:
-                self._waiting.popleft()
-                self._leaders.pop(id(request), None)
-            ends = set(params.stop_token_ids) | (set() if params.ignore_eos else self.stop_ids)
-            seq = Sequence(request=request, tokens=list(prompt), need=need, blocks=blocks,
-                           computed=len(blocks) * P, hashed=len(blocks), last_key=key,
-                           cached_tokens=len(blocks) * P,
-                           text=TextStream(self.tokenizer, params.stop, params.min_tokens,
-                                           params.include_stop_str_in_output,
-                                           params.skip_special_tokens),
-                           slot=self._slot_ids.pop(), stop_ids=frozenset(ends),
-                           prompt_logprobs=[None] if params.prompt_logprobs is not None else [])
+            if seq is None:
+                with self._wake:
+                    self._waiting.popleft()
+                    self._leaders.pop(id(request), None)
+                ends = set(params.stop_token_ids) | (
+                    set() if params.ignore_eos else self.stop_ids)
+                seq = Sequence(request=request, tokens=list(tokens), prefill_to=len(tokens),
+                               admitted=0, cached_tokens=len(blocks) * P,
+                               text=TextStream(self.tokenizer, params.stop, params.min_tokens,
+                                               params.include_stop_str_in_output,
+                                               params.skip_special_tokens),
+                               stop_ids=frozenset(ends),
+                               prompt_logprobs=[None] if params.prompt_logprobs is not None
+                               else [])
+                self.stats.prompt_tokens += len(tokens)
+                self.stats.cached_prompt_tokens += seq.cached_tokens
+            else:
+                with self._wake:
+                    self._preempted.popleft()
+                seq.prefill_to = len(tokens)
+            seq.blocks, seq.computed, seq.hashed, seq.last_key = (
+                blocks, len(blocks) * P, len(blocks), key)
+            seq.slot = self._slot_ids.pop()
+            self._admissions += 1
+            seq.admitted = self._admissions
             if params.adjusts_logits:
                 self._ready_slot(seq)
-            self._promised += need - len(blocks)
             if leader is not None:
                 self._copy_partial_block(seq, leader)
-            self.stats.prompt_tokens += len(prompt)
-            self.stats.cached_prompt_tokens += seq.cached_tokens
             self._prefilling.append(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Takes a running sequence's blocks and slot back and queues it to be resumed
+        first; its full blocks stay in the prefix cache, so that resuming is cheap."""
+        if seq in self._prefilling:
+            self._prefilling.remove(seq)
+        if seq in self._decoding:
+            self._decoding.remove(seq)
+        self.pool.release(seq.blocks)
+        seq.blocks, seq.computed, seq.hashed, seq.last_key = [], 0, 0, b""
+        self._slot_ids.append(seq.slot)
+        seq.slot = None
+        if seq.echoing:
+            seq.prompt_logprobs = [None]  # computed again, whole, when it is resumed
+        with self._wake:
+            self._preempted.appendleft(seq)
+        self.stats.preemptions += 1
+
+    def _take_blocks(self, seq: Sequence, positions: int) -> bool:
+        """Takes blocks until the sequence has room for `positions`, preempting the most
+        recently admitted running sequence while none is free; False when that was `seq`."""
+        while len(seq.blocks) * self.layout.block_size < positions:
+            if not self.pool.available:
+                victim = max([*self._prefilling, *self._decoding], key=lambda s: s.admitted)
+                self._preempt(victim)
+                if victim is seq:
+                    return False
+                continue
+            seq.blocks.append(self.pool.allocate())
+        return True
 
     def _copy_partial_block(self, seq: Sequence, leader: Request) -> None:
         """Gives a sibling a copy of its leader's block past the shared full ones, when the
@@ -265,7 +338,7 @@ class Engine:
         index = len(seq.blocks)
         if held is None or index >= len(held.blocks) or seq.num_prompt - 1 <= index * P:
             return
-        self._grow(seq, (index + 1) * P)
+        seq.blocks.append(self.pool.allocate())  # counted in the blocks admission found free
         self.programs.copy_block(held.blocks[index], seq.blocks[index])
         copied = seq.num_prompt - 1 - seq.computed
         seq.computed += copied
@@ -274,10 +347,11 @@ class Engine:
     def _prefill_pending(self, leader: Request) -> bool:
         """Whether `leader` is still waiting or prefilling."""
         return (any(r is leader for r in self._waiting)
-                or any(s.request is leader for s in self._prefilling))
+                or any(s.request is leader for s in [*self._prefilling, *self._preempted]))
 
     def _ready_slot(self, seq: Sequence) -> None:
-        """Writes a request's bias, stop ids and prompt tokens into its slot's state."""
+        """Writes a request's bias, stop ids, prompt tokens and the counts of the tokens it
+        has generated (none, unless it is resumed) into its slot's state."""
         params = seq.request.params
         V = self.programs.model.config.vocab_size
         prompt_seen_V = np.zeros((V,), bool)
@@ -292,13 +366,10 @@ class Engine:
         for token in self.stop_ids | set(params.stop_token_ids):
             if 0 <= token < V:
                 stop_V[token] = True
-        self.programs.admit_slot(seq.slot, prompt_seen_V, bias_V, stop_V)
-
-    def _grow(self, seq: Sequence, positions: int) -> None:
-        """Takes blocks (promised at admission) until the sequence has room for `positions`."""
-        while len(seq.blocks) * self.layout.block_size < positions:
-            seq.blocks.append(self.pool.allocate())
-            self._promised -= 1
+        output = np.asarray(seq.tokens[seq.num_prompt:], np.int64)
+        counts_V = np.bincount(output[(output >= 0) & (output < V)], minlength=V)
+        self.programs.admit_slot(seq.slot, prompt_seen_V, bias_V, stop_V,
+                                 counts_V.astype(np.int32))
 
     def _register_full_blocks(self, seq: Sequence) -> None:
         P = self.layout.block_size
@@ -345,13 +416,18 @@ class Engine:
     def _prefill_chunk(self) -> None:
         """One chunk of the oldest prompts, one per data-parallel row."""
         layout = self.layout
+        for seq in self._prefilling[:layout.prefill_rows]:
+            if seq in self._prefilling:  # not preempted for an older row's blocks
+                self._take_blocks(seq, min(seq.prefill_to, seq.computed + layout.prefill_chunk))
         rows: list[Sequence | None] = self._prefilling[:layout.prefill_rows]
-        spans = [(s.computed, min(s.num_prompt, s.computed + layout.prefill_chunk))
+        rows = [s for s in rows if len(s.blocks) * layout.block_size >= min(
+            s.prefill_to, s.computed + layout.prefill_chunk)]
+        if not rows:
+            return
+        spans = [(s.computed, min(s.prefill_to, s.computed + layout.prefill_chunk))
                  for s in rows]
         length = programs_lib.bucket(max(end - start for start, end in spans),
                                      layout.prefill_lengths)
-        for seq, (_, end) in zip(rows, spans, strict=True):
-            self._grow(seq, end)
         width = programs_lib.bucket(max(len(s.blocks) for s in rows), layout.prefill_widths)
         rows += [None] * (layout.prefill_rows - len(rows))
         batch = self.programs.empty_batch(layout.prefill_rows, length, width)
@@ -366,13 +442,11 @@ class Engine:
             batch.slots_BL[i, :n] = slots
             batch.block_table_BM[i] = table
             batch.logit_index_B[i] = n - 1
-        choosing = [end == seq.num_prompt for seq, (_, end) in
+        choosing = [end == seq.prefill_to for seq, (_, end) in
                     zip(rows[:len(spans)], spans, strict=True)]
         choosing += [False] * (len(rows) - len(spans))
         settings = self._settings(rows, choosing)
-        echoing = [s for s in rows if s is not None and s.request.params.prompt_logprobs
-                   is not None]
-        if echoing:
+        if any(s is not None and s.echoing for s in rows):
             next_ = np.zeros_like(tokens)
             for i, seq in enumerate(rows[:len(spans)]):
                 start, end = spans[i]
@@ -384,7 +458,7 @@ class Engine:
         self.stats.prefill_steps += 1
         self.stats.prefill_tokens += sum(end - start for start, end in spans)
         for i, seq in enumerate(rows[:len(spans)]):
-            if seq.request.params.prompt_logprobs is not None:
+            if seq.echoing:
                 self._add_prompt_logprobs(seq, prompt, i, *spans[i])
             seq.computed = spans[i][1]
             self._register_full_blocks(seq)
@@ -394,7 +468,12 @@ class Engine:
                     continue
                 self._prefilling.remove(seq)
                 self._decoding.append(seq)
-                self.stats.time_to_first_token.observe(time.monotonic() - seq.request.arrival)
+                if seq.generated:  # resumed after preemption
+                    self.stats.inter_token_latency.observe(time.monotonic()
+                                                           - seq.last_token_time)
+                else:
+                    self.stats.time_to_first_token.observe(time.monotonic()
+                                                           - seq.request.arrival)
                 self._accept(seq, choice, i)
 
     def _add_prompt_logprobs(self, seq: Sequence, prompt: programs_lib.PromptLogprobs,
@@ -413,9 +492,13 @@ class Engine:
         compiled row count that holds them: a row is not tied to a sequence (the cache is
         reached through block tables), so a lone stream runs a one-row step."""
         layout = self.layout
+        for seq in sorted(self._decoding, key=lambda s: s.admitted):
+            if seq in self._decoding:  # not preempted for an older one's block
+                self._take_blocks(seq, len(seq.tokens))
         running = list(self._decoding)
-        for seq in running:
-            self._grow(seq, len(seq.tokens))
+        if not running:
+            return
+        self.stats.peak_running = max(self.stats.peak_running, len(running))
         width = programs_lib.bucket(max(len(s.blocks) for s in running), layout.decode_widths)
         num_rows = programs_lib.bucket(len(running), layout.decode_rows)
         rows: list[Sequence | None] = running + [None] * (num_rows - len(running))
@@ -486,8 +569,9 @@ class Engine:
             self._prefilling.remove(seq)
         if seq in self._decoding:
             self._decoding.remove(seq)
+        if seq in self._preempted:
+            self._preempted.remove(seq)
         self.pool.release(seq.blocks)
-        self._promised -= seq.need - len(seq.blocks)
         seq.blocks = []
         if seq.slot is not None:
             self._slot_ids.append(seq.slot)

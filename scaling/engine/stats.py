@@ -49,6 +49,8 @@ class Stats:
     prefill_steps: int = 0
     prefill_tokens: int = 0  # prompt tokens computed (those found in the prefix cache are not)
     decode_steps: int = 0
+    preemptions: int = 0  # running requests sent back to the queue for their blocks
+    peak_running: int = 0  # the most requests decoding in one step
     step_errors: int = 0  # steps that raised; their requests ended with finish_reason=error
     time_to_first_token: Histogram = dataclasses.field(default_factory=Histogram)
     inter_token_latency: Histogram = dataclasses.field(default_factory=Histogram)

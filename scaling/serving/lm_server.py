@@ -412,6 +412,10 @@ def prometheus_text(engine: Engine) -> str:
            [("", engine.queue_depth)])
     metric("running_requests", "gauge", "Requests prefilling or decoding.",
            [("", engine.running)])
+    metric("running_requests_peak", "gauge", "The most requests decoding in one step since "
+           "start.", [("", stats.peak_running)])
+    metric("preemptions_total", "counter", "Running requests sent back to the queue when the "
+           "KV cache ran out of blocks, to be recomputed.", [("", stats.preemptions)])
     metric("kv_blocks_in_use", "gauge", "KV cache blocks held by running requests.",
            [("", engine.pool.in_use)])
     metric("kv_blocks_total", "gauge", "KV cache blocks in the pool.",
