@@ -112,6 +112,24 @@ def test_readme_is_a_front_page():
     assert "python -m pytest" in text
 
 
+def test_the_layout_table_names_files_that_exist():
+    """'Where things live' is taken from the code: every path it names, and every module a row
+    names inside its folder, is there."""
+    section = (REPO / "README.md").read_text().split("## Where things live")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert len(rows) >= 10, "the layout table is missing"
+    missing = []
+    for row in rows:
+        path_cell, responsibility = [cell.strip() for cell in row.strip("|").split("|")][:2]
+        paths = re.findall(r"`([^`]+)`", path_cell)
+        missing += [path for path in paths if not (REPO / path).exists()]
+        folder = REPO / paths[0] if paths[0].endswith("/") else (REPO / paths[0]).parent
+        missing += [f"{folder.relative_to(REPO)}/{name}"
+                    for name in re.findall(r"`(\w+\.py)`", responsibility)
+                    if not (folder / name).exists()]
+    assert not missing, f"the README's layout table names what is not there: {missing}"
+
+
 def test_every_manual_page_is_linked_from_the_readme():
     linked = {(REPO / target.partition("#")[0]).resolve()
               for _, target in links(REPO / "README.md") if not target.startswith("#")}
