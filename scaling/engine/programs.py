@@ -18,6 +18,10 @@ tables to a power of two blocks (decode) or of four (prefill, whose matmuls over
 outweigh its attention), up to the context's worth. A decode step therefore reads keys for the
 longest sequence running, rounded up, rather than for the whole context.
 
+A decode step may take its input tokens from the previous step's choices while they are still
+on the device (`follow`): the next step is dispatched before the previous one's tokens reach
+the host, so the host's bookkeeping runs beside the device instead of between its steps.
+
 The pool is donated to each program and comes back written, so the cache is never copied.
 Params and pool keep the shardings the mesh rules give them: key/value heads split like the
 model's heads (tensor parallelism), rows split over the batch axes (data parallelism).
@@ -234,6 +238,16 @@ class Programs:
         self._copy_block = jax.jit(copy_block, donate_argnums=(0,),
                                    out_shardings=cache_shardings)
         self._compiled_copy = None
+
+        def follow(previous_B, source_B, host_B1):
+            """Each row's input token: the previous step's choice in row `source`, or, where
+            that is negative (a sequence new to decoding), the token from the host."""
+            taken_B = previous_B[jnp.clip(source_B, 0, previous_B.shape[0] - 1)]
+            return jnp.where(source_B >= 0, taken_B, host_B1[:, 0])[:, None]
+
+        self._follow = jax.jit(follow, in_shardings=(replicated, replicated, replicated),
+                               out_shardings=mesh_lib.batch_sharding(mesh, rules))
+        self._compiled_follow: dict[tuple[int, int], Any] = {}
         self.compiles = 0  # programs compiled so far, warm-up included
 
     def empty_batch(self, rows: int, length: int, width: int) -> paged.PagedBatch:
@@ -264,6 +278,19 @@ class Programs:
                                                          np.int32(0)).compile()
             self.compiles += 1
         self.cache = self._compiled_copy(self.cache, np.int32(source), np.int32(target))
+
+    def follow(self, previous_B: jax.Array, source_B: np.ndarray,
+               host_B1: np.ndarray) -> jax.Array:
+        """A decode step's input tokens, (rows, 1) on the device, taken from the previous
+        step's choices (`previous_B`, still on the device) where `source_B` names a row."""
+        shape = (previous_B.shape[0], source_B.shape[0])
+        if shape not in self._compiled_follow:
+            self._compiled_follow[shape] = self._follow.lower(
+                jax.ShapeDtypeStruct(shape[:1], jnp.int32),
+                jax.ShapeDtypeStruct(shape[1:], jnp.int32),
+                jax.ShapeDtypeStruct((shape[1], 1), jnp.int32)).compile()
+            self.compiles += 1
+        return self._compiled_follow[shape](previous_B, source_B, host_B1)
 
     def _slot_admitter(self):
         if self._compiled_admit is None:
@@ -328,15 +355,26 @@ class Programs:
             self._chooser(rows)
         self._slot_admitter()
         self.copy_block(0, 0)
+        for previous in self.layout.decode_rows:
+            for rows in self.layout.decode_rows:
+                self.follow(jnp.zeros((previous,), jnp.int32), np.zeros((rows,), np.int32),
+                            np.zeros((rows, 1), np.int32))
         return self.compiles
 
     def run(self, tokens_BL: np.ndarray, batch: paged.PagedBatch,
             settings: sampling.RowSettings) -> sampling.Choice:
         """One step; the pool is updated in place and the choices come back to the host."""
+        return jax.tree.map(np.asarray, self.dispatch(tokens_BL, batch, settings))
+
+    def dispatch(self, tokens_BL: np.ndarray | jax.Array, batch: paged.PagedBatch,
+                 settings: sampling.RowSettings) -> sampling.Choice:
+        """One step, queued on the device; its choices stay there until read (JAX's
+        asynchronous dispatch returns before the device has run it)."""
         rows, length = tokens_BL.shape
         program = self._program(rows, length, batch.block_table_BM.shape[1])
         logits_BV, self.cache = program(self.params, self.cache, tokens_BL, batch)
-        return self._choose_rows(logits_BV, settings)
+        choice, self.slot_state = self._chooser(rows)(logits_BV, settings, self.slot_state)
+        return choice
 
     def run_echo(self, tokens_BL: np.ndarray, batch: paged.PagedBatch,
                  settings: sampling.RowSettings,
@@ -346,9 +384,5 @@ class Programs:
         program = self._echo_program(rows, length, batch.block_table_BM.shape[1])
         logits_BV, prompt, self.cache = program(self.params, self.cache, tokens_BL, batch,
                                                 next_BL)
-        return self._choose_rows(logits_BV, settings), jax.tree.map(np.asarray, prompt)
-
-    def _choose_rows(self, logits_BV: jax.Array, settings: sampling.RowSettings):
-        choice, self.slot_state = self._chooser(len(settings.temperature_B))(
-            logits_BV, settings, self.slot_state)
-        return jax.tree.map(np.asarray, choice)
+        choice, self.slot_state = self._chooser(rows)(logits_BV, settings, self.slot_state)
+        return jax.tree.map(np.asarray, (choice, prompt))

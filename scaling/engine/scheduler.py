@@ -29,6 +29,15 @@ its prompt's last token (which gives its first draw): the prompt is computed onc
 A request that asks for its prompt's logprobs takes nothing from the prefix cache (they need
 every position's logits), as in vLLM, though the blocks it fills are registered for others.
 
+Overlap: a decode step is dispatched before the previous one's tokens are on the host. Its
+input tokens are the previous choices, still on the device, and what the host must know to
+build it (each sequence's position, blocks and settings) follows from one more token each.
+The host then reads the previous step's tokens and does stop checks, text and events while the
+device computes. A sequence found to have stopped has computed one token too many, into its
+own blocks (freed after), which is thrown away; one that will reach `max_tokens` or the context
+is known in advance and left out. Admission, prefill and aborts wait until the step in flight
+is read, so they always see every sequence's tokens.
+
 Slots: every running request holds one of `max_num_seqs` slots; a request whose logits are
 adjusted (bias, penalties, min_tokens) keeps what that needs in its slot's row of the
 device-side `sampling.SlotState`.
@@ -47,6 +56,7 @@ import threading
 import time
 import traceback
 
+import jax
 import numpy as np
 
 from scaling.data.tokenizer import Tokenizer
@@ -62,6 +72,14 @@ class QueueFull(Exception):
 
 
 @dataclasses.dataclass
+class Step:
+    """A decode step on the device whose tokens the host has not read yet."""
+
+    rows: list[tuple[Sequence, int]]  # each row's sequence and its admission at dispatch
+    choice: sampling.Choice  # on the device
+
+
+@dataclasses.dataclass(eq=False)  # compared by identity: lists of them are searched often
 class Sequence:
     """A request in the engine: its tokens, its blocks and how far its keys are written."""
 
@@ -75,6 +93,7 @@ class Sequence:
     last_key: bytes = b""
     cached_tokens: int = 0
     generated: int = 0
+    pending: int = 0  # tokens chosen by steps dispatched and not yet read back
     text: TextStream | None = None
     last_token_time: float = 0.0
     slot: int | None = None  # its row of the sampling state; None once finished
@@ -120,6 +139,8 @@ class Engine:
         # Preempted sequences, resumed before any waiting request, the first one first.
         self._preempted: collections.deque[Sequence] = collections.deque()
         self._admissions = 0
+        self._in_flight: Step | None = None
+        self.overlap = True  # False: each step's tokens are read before the next is built
         # Blocks kept free when admitting beside running requests, so that they can grow a
         # while before anyone is preempted (vLLM keeps 1% of the pool).
         self.watermark = max(1, self.layout.num_blocks // 100)
@@ -187,18 +208,23 @@ class Engine:
         while True:
             with self._wake:
                 while not (self._stopping or self._waiting or self._aborted or self.running
-                           or self._preempted):
+                           or self._preempted or self._in_flight):
                     self._wake.wait()
                 if self._stopping:
                     break
                 aborted, self._aborted = self._aborted, set()
+                admitting = (self._waiting or self._preempted) and self._free_slots() > 0
             try:
+                if aborted or admitting or self._prefilling:
+                    self._read_in_flight()
                 self._drop_aborted(aborted)
                 self._admit()
                 if self._prefilling:
                     self._prefill_chunk()
                 if self._decoding:
                     self._decode_step()
+                else:
+                    self._read_in_flight()
             except Exception:  # noqa: BLE001 - the server must outlive one bad step
                 self._fail_running()
 
@@ -206,6 +232,7 @@ class Engine:
         """Ends every running request with `error` after a step raised, so their clients
         get an answer and the slots and blocks are free for the next requests."""
         self.stats.step_errors += 1
+        self._in_flight = None
         print(f"error: an engine step failed; its {self.running} requests end with "
               f"finish_reason=error\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         for seq in [*self._prefilling, *self._decoding]:
@@ -307,6 +334,7 @@ class Engine:
             self._decoding.remove(seq)
         self.pool.release(seq.blocks)
         seq.blocks, seq.computed, seq.hashed, seq.last_key = [], 0, 0, b""
+        seq.pending = 0  # a token in flight is drawn again, alike, when it is resumed
         self._slot_ids.append(seq.slot)
         seq.slot = None
         if seq.echoing:
@@ -403,11 +431,11 @@ class Engine:
             settings.top_p_B[i] = params.top_p
             settings.min_p_B[i] = params.min_p
             settings.seed_B[i] = params.seed % (1 << 32)
-            settings.index_B[i] = seq.generated
+            settings.index_B[i] = seq.generated + seq.pending
             if params.adjusts_logits and (choosing is None or choosing[i]):
                 settings.slot_B[i] = seq.slot
                 settings.adjust_B[i] = True
-                settings.mask_stops_B[i] = seq.generated < params.min_tokens
+                settings.mask_stops_B[i] = seq.generated + seq.pending < params.min_tokens
                 settings.presence_B[i] = params.presence_penalty
                 settings.frequency_B[i] = params.frequency_penalty
                 settings.repetition_B[i] = params.repetition_penalty
@@ -487,39 +515,83 @@ class Engine:
             seq.prompt_logprobs.append(TokenLogprob(
                 ids[position + 1], float(prompt.next_logprob_BL[row, j]), top))
 
+    def _continues(self, seq: Sequence) -> bool:
+        """Whether a sequence may need another token once its pending ones are read: not if
+        they take it to `max_tokens` or to the context's end."""
+        return (seq.generated + seq.pending < seq.request.params.max_tokens
+                and len(seq.tokens) + seq.pending < self.layout.max_seq_len)
+
     def _decode_step(self) -> None:
-        """One token for every decoding sequence. They sit in the first rows of the smallest
-        compiled row count that holds them: a row is not tied to a sequence (the cache is
-        reached through block tables), so a lone stream runs a one-row step."""
+        """Dispatches one token for every decoding sequence, then reads the step before.
+        Sequences sit in the first rows of the smallest compiled row count that holds them:
+        a row is not tied to a sequence (the cache is reached through block tables), so a
+        lone stream runs a one-row step."""
+        started = time.perf_counter()
         layout = self.layout
+        previous, self._in_flight = self._in_flight, None
         for seq in sorted(self._decoding, key=lambda s: s.admitted):
-            if seq in self._decoding:  # not preempted for an older one's block
-                self._take_blocks(seq, len(seq.tokens))
-        running = list(self._decoding)
-        if not running:
-            return
-        self.stats.peak_running = max(self.stats.peak_running, len(running))
-        width = programs_lib.bucket(max(len(s.blocks) for s in running), layout.decode_widths)
-        num_rows = programs_lib.bucket(len(running), layout.decode_rows)
-        rows: list[Sequence | None] = running + [None] * (num_rows - len(running))
-        batch = self.programs.empty_batch(num_rows, 1, width)
-        tokens = np.zeros((num_rows, 1), np.int32)
-        for i, seq in enumerate(running):
-            position = len(seq.tokens) - 1
-            positions, slots, table = self._row(seq, position, position + 1, width)
-            tokens[i, 0] = seq.tokens[-1]
-            batch.positions_BL[i] = positions
-            batch.slots_BL[i] = slots
-            batch.block_table_BM[i] = table
-        choice = self.programs.run(tokens, batch, self._settings(rows))
-        self.steps += 1
-        self.stats.decode_steps += 1
-        for i, seq in enumerate(running):
+            if seq in self._decoding and self._continues(seq):  # not preempted meanwhile
+                self._take_blocks(seq, len(seq.tokens) + seq.pending)
+        running = [s for s in self._decoding if self._continues(s)]
+        if running:
+            self.stats.peak_running = max(self.stats.peak_running, len(running))
+            width = programs_lib.bucket(max(len(s.blocks) for s in running),
+                                        layout.decode_widths)
+            num_rows = programs_lib.bucket(len(running), layout.decode_rows)
+            rows: list[Sequence | None] = running + [None] * (num_rows - len(running))
+            batch = self.programs.empty_batch(num_rows, 1, width)
+            tokens = np.zeros((num_rows, 1), np.int32)
+            source = np.full((num_rows,), -1, np.int32)
+            previous_row = {} if previous is None else {
+                id(seq): i for i, (seq, _) in enumerate(previous.rows)}
+            for i, seq in enumerate(running):
+                position = len(seq.tokens) - 1 + seq.pending
+                positions, slots, table = self._row(seq, position, position + 1, width)
+                if seq.pending:
+                    source[i] = previous_row[id(seq)]
+                else:
+                    tokens[i, 0] = seq.tokens[-1]
+                batch.positions_BL[i] = positions
+                batch.slots_BL[i] = slots
+                batch.block_table_BM[i] = table
+            settings = self._settings(rows)
+            if previous is not None and (source >= 0).any():
+                tokens = self.programs.follow(previous.choice.token_B, source, tokens)
+            self._in_flight = Step([(s, s.admitted) for s in running],
+                                   self.programs.dispatch(tokens, batch, settings))
+            for seq in running:
+                seq.pending += 1
+            self.steps += 1
+            self.stats.decode_steps += 1
+        self.stats.decode_host_seconds += time.perf_counter() - started
+        if previous is not None:
+            self._read(previous)
+        if not self.overlap:
+            self._read_in_flight()
+
+    def _read_in_flight(self) -> None:
+        """Reads the step in flight, if any, so that every sequence's tokens are known."""
+        step, self._in_flight = self._in_flight, None
+        if step is not None:
+            self._read(step)
+
+    def _read(self, step: Step) -> None:
+        """Takes a step's tokens once the device has them. Rows of sequences that have
+        since finished, or been preempted, are thrown away."""
+        started = time.perf_counter()
+        choice = jax.tree.map(np.asarray, step.choice)
+        read = time.perf_counter()
+        self.stats.decode_wait_seconds += read - started
+        for i, (seq, admitted) in enumerate(step.rows):
+            if seq.admitted != admitted or seq not in self._decoding:
+                continue
+            seq.pending -= 1
             seq.computed = len(seq.tokens)
             self._register_full_blocks(seq)
             now = time.monotonic()
             self.stats.inter_token_latency.observe(now - seq.last_token_time)
             self._accept(seq, choice, i)
+        self.stats.decode_host_seconds += time.perf_counter() - read
 
     def _accept(self, seq: Sequence, choice: sampling.Choice, row: int) -> None:
         """Takes a sequence's new token: its text, its stop conditions, its event."""

@@ -49,6 +49,10 @@ class Stats:
     prefill_steps: int = 0
     prefill_tokens: int = 0  # prompt tokens computed (those found in the prefix cache are not)
     decode_steps: int = 0
+    # The decode loop's host time (building steps, reading tokens, stop checks, text,
+    # events) and the time it waited for the device's tokens, in seconds.
+    decode_host_seconds: float = 0.0
+    decode_wait_seconds: float = 0.0
     preemptions: int = 0  # running requests sent back to the queue for their blocks
     peak_running: int = 0  # the most requests decoding in one step
     step_errors: int = 0  # steps that raised; their requests ended with finish_reason=error

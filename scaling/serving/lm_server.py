@@ -408,6 +408,13 @@ def prometheus_text(engine: Engine) -> str:
            [("", stats.prefill_tokens)])
     metric("generation_tokens_total", "counter", "Tokens generated.",
            [("", stats.completion_tokens)])
+    metric("decode_steps_total", "counter", "Decode steps dispatched.",
+           [("", stats.decode_steps)])
+    metric("decode_host_seconds_total", "counter", "Host time of the decode loop: building "
+           "steps, reading tokens, stop checks, text and events.",
+           [("", stats.decode_host_seconds)])
+    metric("decode_wait_seconds_total", "counter", "Time the decode loop waited for the "
+           "device's tokens.", [("", stats.decode_wait_seconds)])
     metric("queue_depth", "gauge", "Requests waiting for a slot or cache blocks.",
            [("", engine.queue_depth)])
     metric("running_requests", "gauge", "Requests prefilling or decoding.",
