@@ -22,7 +22,7 @@ from scaling.config import experiments as config_lib
 from scaling.config.schema import DEFAULT_SHARDING_RULES
 from scaling.errors import UserError
 from scaling.models import context, tpu_attention
-from scaling.models.transformer import segment_mask
+from scaling.models.attention import segment_mask
 from scaling.preflight import topology
 from scaling.runtime.metrics import read_metrics
 from scaling.sharding import mesh as mesh_lib

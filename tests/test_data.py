@@ -124,9 +124,9 @@ def test_read_ahead_gives_the_same_arrays_and_is_claimed_once(tiny_idx_dir):
                                         "tfds_data_dir": ""})
     direct = images.load_image_dataset(config)
     idx_read_ahead.read_ahead(config)
-    assert len(idx_read_ahead._read_ahead) == 4
+    assert len(idx.pending_reads) == 4
     ahead = images.load_image_dataset(config)
-    assert not idx_read_ahead._read_ahead  # every file claimed; a later load reads from disk again
+    assert not idx.pending_reads  # every file claimed; a later load reads from disk again
     for split in ("train", "test"):
         want = direct.train if split == "train" else direct.eval_splits["test"]
         got = ahead.train if split == "train" else ahead.eval_splits["test"]
@@ -142,4 +142,4 @@ def test_read_ahead_errors_surface_where_the_file_is_read(tmp_path):
     idx_read_ahead.read_ahead(config)
     with pytest.raises(UserError, match="cannot read IDX file"):
         images.load_image_dataset(config)
-    idx_read_ahead._read_ahead.clear()  # the files the failed load never reached
+    idx.pending_reads.clear()  # the files the failed load never reached

@@ -15,7 +15,8 @@ from test_tpu_attention import (
 
 from scaling.errors import UserError
 from scaling.models import context, gpu_attention
-from scaling.models.transformer import causal_mask, choose_attention, segment_mask
+from scaling.models.attention import causal_mask, segment_mask
+from scaling.models.transformer import choose_attention
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["causal", "documents"])

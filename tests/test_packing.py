@@ -12,12 +12,8 @@ import optax
 import pytest
 
 from scaling.models import cpu_attention
-from scaling.models.transformer import (
-    Transformer,
-    TransformerConfig,
-    grouped_einsum_attention,
-    segment_mask,
-)
+from scaling.models.attention import grouped_einsum_attention, segment_mask
+from scaling.models.transformer import Transformer, TransformerConfig
 from scaling.training import steps
 from scaling.training.tasks import LANGUAGE_MODELING, document_weights
 

@@ -15,7 +15,8 @@ from jax.sharding import PartitionSpec as P
 from scaling.config.schema import DEFAULT_SHARDING_RULES
 from scaling.errors import UserError
 from scaling.models import tpu_attention
-from scaling.models.transformer import TransformerConfig, segment_mask
+from scaling.models.attention import segment_mask
+from scaling.models.transformer import TransformerConfig
 from scaling.preflight import topology
 from scaling.sharding import mesh as mesh_lib
 

@@ -12,8 +12,8 @@ from jax.sharding import PartitionSpec as P
 
 from scaling.errors import UserError
 from scaling.models import cpu_attention
+from scaling.models.attention import ATTENTION_FORMS
 from scaling.models.transformer import (
-    ATTENTION_FORMS,
     Attention,
     Transformer,
     TransformerConfig,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import struct
 import zlib
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +28,16 @@ WELL_KNOWN_DIRS = {
 }
 
 
+# IDX files being parsed ahead of need, by resolved path. `idx_read_ahead` fills it while the
+# framework imports; `read_idx` hands each result out once. It lives here, with the reader,
+# so the read-ahead module imports this one and never the other way round.
+pending_reads: dict[Path, Future] = {}
+
+
 def read_idx(path: Path) -> np.ndarray:
     """Parse one (optionally gzipped) IDX file into a numpy array, or claim the copy that
     `idx_read_ahead` parsed while the framework was importing."""
-    from scaling.data import idx_read_ahead
-
-    pending = idx_read_ahead.claim(path)
+    pending = pending_reads.pop(path.resolve(), None)
     return pending.result() if pending is not None else parse_idx(path)
 
 

@@ -1,7 +1,8 @@
 """Start-up trick: parse the IDX files on a thread while the framework is still importing.
 
 Decompressing Fashion-MNIST takes 0.25 s, and zlib releases the GIL while it works, so started
-before the heavy imports it costs a run's start-up nothing. `idx.read_idx` claims each result.
+before the heavy imports it costs a run's start-up nothing. Results go into
+`idx.pending_reads`, where `idx.read_idx` claims each.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ from pathlib import Path
 
 import ml_collections
 
-from scaling.data.idx import ALL_IDX_FILES, has_idx_files, parse_idx, well_known_idx_directory
-
-# IDX files being read on a thread, by resolved path; `claim` hands each result out once.
-_read_ahead: dict[Path, Future] = {}
-
-
-def claim(path: Path) -> Future | None:
-    return _read_ahead.pop(path.resolve(), None)
+from scaling.data.idx import (
+    ALL_IDX_FILES,
+    has_idx_files,
+    parse_idx,
+    pending_reads,
+    well_known_idx_directory,
+)
 
 
 def read_ahead(data_config: ml_collections.ConfigDict) -> None:
@@ -40,7 +40,7 @@ def read_ahead(data_config: ml_collections.ConfigDict) -> None:
     else:
         return
     paths = [(directory / name).resolve() for name in ALL_IDX_FILES]
-    futures = {path: Future() for path in paths if path not in _read_ahead}
+    futures = {path: Future() for path in paths if path not in pending_reads}
 
     def parse_all():
         for path, future in futures.items():
@@ -49,7 +49,7 @@ def read_ahead(data_config: ml_collections.ConfigDict) -> None:
             except BaseException as e:  # handed to whoever reads the file
                 future.set_exception(e)
 
-    _read_ahead.update(futures)
+    pending_reads.update(futures)
     threading.Thread(target=parse_all, name="idx-read-ahead", daemon=True).start()
 
 

@@ -1,7 +1,7 @@
 """A CPU-only speed trick: attention as batched matmuls, with a hand-written backward.
 
 `model.attention="batched_matmul"` selects it (CPU experiments do); accelerators use the
-general `grouped_einsum_attention` in `scaling.models.transformer`, which XLA lays out best
+general `grouped_einsum_attention` in `scaling.models.attention`, which XLA lays out best
 there and which needs less memory (see its docstring). Shape suffixes as in that module.
 """
 
@@ -32,8 +32,8 @@ def attend(q_BKMDh: jax.Array, k_BKSDh: jax.Array, v_BKSDh: jax.Array,
 
 
 def _masked_softmax(logits_LS: jax.Array, mask_LS: jax.Array) -> jax.Array:
-    """The general path's float32 masked softmax, restated so that this module depends on
-    nothing in the transformer and the transformer only on it."""
+    """The general path's float32 masked softmax (`attention.masked_softmax`), restated so
+    that this module depends on nothing of ours and `attention`, which names it, only on it."""
     return jax.nn.softmax(jnp.where(mask_LS, logits_LS, jnp.finfo(jnp.float32).min), axis=-1)
 
 

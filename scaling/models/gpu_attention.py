@@ -19,6 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from scaling.models.attention import causal_mask, segment_mask
+
 CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 CUDNN_MAX_HEAD_DIM = 128
 
@@ -41,8 +43,6 @@ def cudnn_attention(q_BLHDh: jax.Array, k_BSKDh: jax.Array, v_BSKDh: jax.Array,
     gives each query's slot (a sequence reordered for context parallelism): the causal flag
     then no longer describes the mask, so the mask goes to the kernel whole.
     """
-    from scaling.models.transformer import causal_mask, segment_mask  # it imports this one
-
     if q_slot_L is None and segment_ids_BL is None:
         mask_B1LS = None
     elif segment_ids_BL is None:
