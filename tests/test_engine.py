@@ -5,6 +5,7 @@ whatever the weights, and random weights make ties (where float rounding could p
 token) as rare as trained ones do.
 """
 
+import collections
 import threading
 
 import jax
@@ -343,3 +344,57 @@ def test_an_int8_cache_takes_under_a_third_of_the_bytes_and_keeps_the_greedy_tok
 def test_an_unknown_cache_dtype_names_the_flag(model_and_params):
     with pytest.raises(UserError, match="--kv_cache_dtype=fp4"):
         make(model_and_params, warm_up=False, kv_cache_dtype="fp4")
+
+
+def test_overlapped_steps_give_the_tokens_and_text_of_steps_read_one_at_a_time(
+        model_and_params, prompts):
+    """The next step is dispatched before a stop is seen: the token computed past a stop
+    string, a stop id or a stop at min_tokens is thrown away, never sent, and its blocks
+    come back."""
+    sampled = dict(temperature=1.0, top_k=30, ignore_eos=True)
+    settings = [greedy(40),
+                engine_lib.SamplingParams(max_tokens=40, seed=2, stop=("a", "e"), **sampled),
+                engine_lib.SamplingParams(max_tokens=40, seed=3, stop_token_ids=(7, 9, 11, 13),
+                                          **sampled),
+                engine_lib.SamplingParams(max_tokens=40, seed=4, min_tokens=5,
+                                          stop_token_ids=tuple(range(0, 256, 3)),
+                                          presence_penalty=0.5, logprobs=2, **sampled),
+                greedy(1), greedy(2)]
+    requests = [(prompts[i], settings[i % len(settings)]) for i in range(len(prompts))]
+    engine = make(model_and_params, warm_up=False, max_num_seqs=8, kv_block_size=8,
+                  prefill_chunk=32)
+    outputs, logprobs = {}, collections.defaultdict(list)
+    engine.start()
+    try:
+        for overlap in (False, True):
+            engine.overlap = overlap
+            texts = {i: [] for i in range(len(requests))}
+            done, finished = threading.Event(), []
+
+            def collect(i, texts=texts, done=done, finished=finished, overlap=overlap):
+                def on_event(event):
+                    texts[i].append((event.text, event.token_ids,
+                                     [(lp.token, [t for t, _ in lp.top]) for lp in event.logprobs]))
+                    logprobs[overlap, i].extend(lp.logprob for lp in event.logprobs)
+                    if event.finish_reason:
+                        texts[i].append((event.finish_reason, event.stop_reason,
+                                         event.completion_tokens))
+                        finished.append(i)
+                        if len(finished) == len(requests):
+                            done.set()
+                return on_event
+
+            for i, (prompt, params) in enumerate(requests):
+                engine.submit(engine_lib.Request(str(i), list(prompt), params, collect(i)))
+            assert done.wait(120)
+            outputs[overlap] = texts
+    finally:
+        engine.stop()
+    assert outputs[True] == outputs[False]
+    # Rows batch differently from run to run: logprobs agree to rounding.
+    assert logprobs[True, 3]
+    for i in range(len(requests)):
+        assert np.allclose(logprobs[True, i], logprobs[False, i], atol=1e-4)
+    reasons = [events[-1][0] for events in outputs[True].values()]
+    assert "stop" in reasons and "length" in reasons  # stops came mid-run
+    assert engine.pool.in_use == 0
