@@ -35,8 +35,10 @@ build it (each sequence's position, blocks and settings) follows from one more t
 The host then reads the previous step's tokens and does stop checks, text and events while the
 device computes. A sequence found to have stopped has computed one token too many, into its
 own blocks (freed after), which is thrown away; one that will reach `max_tokens` or the context
-is known in advance and left out. Admission, prefill and aborts wait until the step in flight
-is read, so they always see every sequence's tokens.
+is known in advance and left out. Admission, prefill, aborts and preemption go on while a step
+is in flight: the device runs programs in the order they were dispatched, so a block or slot
+freed on the host is rewritten only after the step in flight has used it, and the step's rows
+of sequences that have since finished, been preempted or been resumed are thrown away.
 
 Slots: every running request holds one of `max_num_seqs` slots; a request whose logits are
 adjusted (bias, penalties, min_tokens) keeps what that needs in its slot's row of the
@@ -213,10 +215,7 @@ class Engine:
                 if self._stopping:
                     break
                 aborted, self._aborted = self._aborted, set()
-                admitting = (self._waiting or self._preempted) and self._free_slots() > 0
             try:
-                if aborted or admitting or self._prefilling:
-                    self._read_in_flight()
                 self._drop_aborted(aborted)
                 self._admit()
                 if self._prefilling:
