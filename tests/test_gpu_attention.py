@@ -16,7 +16,7 @@ from test_tpu_attention import (
 from scaling.errors import UserError
 from scaling.models import context, gpu_attention
 from scaling.models.attention import causal_mask, segment_mask
-from scaling.models.transformer import choose_attention
+from scaling.models.attention_choice import choose_attention
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["causal", "documents"])

@@ -91,7 +91,7 @@ def test_imported_logits_and_greedy_continuation_equal_transformers(family, tmp_
     prompt = jnp.asarray([ref["input_ids"]], jnp.int32)
     logits = np.asarray(spec.model.apply({"params": params}, prompt)[0])
     np.testing.assert_allclose(logits, want, rtol=0, atol=1e-4 * np.abs(want).max())
-    greedy = sample.generate(spec.model, params, prompt, jax.random.key(0), jnp.asarray(0),
+    greedy = sample.generate(spec.model, params, prompt, 0, jnp.asarray(0),
                              num_new=len(ref["greedy"]), temperature=0.0, top_k=0,
                              vocab_limit=config.model.vocab_size)
     assert np.asarray(greedy)[0].tolist() == ref["greedy"]

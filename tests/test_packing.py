@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from scaling.models import cpu_attention
+from scaling.models import cpu_attention, paged
 from scaling.models.attention import grouped_einsum_attention, segment_mask
 from scaling.models.transformer import Transformer, TransformerConfig
 from scaling.training import steps
@@ -280,6 +280,11 @@ def test_the_shared_causal_mask_is_never_made_per_row():
 
 
 def test_decoding_takes_no_segments():
-    with pytest.raises(ValueError, match="segment_ids_BL with decode=True"):
-        Transformer(TINY).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32), decode=True,
-                               segment_ids_BL=jnp.ones((1, 4), jnp.int32))
+    batch = paged.PagedBatch(positions_BL=jnp.zeros((1, 4), jnp.int32),
+                             slots_BL=jnp.arange(4, dtype=jnp.int32)[None],
+                             block_table_BM=jnp.zeros((1, 1), jnp.int32),
+                             logit_index_B=jnp.zeros((1,), jnp.int32), num_blocks=1,
+                             block_size=4)
+    with pytest.raises(ValueError, match="segment_ids_BL with a paged batch"):
+        Transformer(TINY).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32),
+                               paged_batch=batch, segment_ids_BL=jnp.ones((1, 4), jnp.int32))

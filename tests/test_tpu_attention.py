@@ -217,7 +217,7 @@ def test_auto_attention_trains_through_splash_on_a_tpu_slice(packing):
 
 
 def test_auto_attention_keeps_a_written_form_off_tpu_or_off_the_lane_width():
-    from scaling.models.transformer import choose_attention
+    from scaling.models.attention_choice import choose_attention
 
     assert choose_attention("auto", "cpu", 256) == "grouped_einsum"
     assert choose_attention("auto", "gpu", 256) == "grouped_einsum"  # float32: no cuDNN

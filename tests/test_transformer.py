@@ -11,16 +11,15 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from scaling.errors import UserError
-from scaling.models import cpu_attention
+from scaling.models import cpu_attention, paged
 from scaling.models.attention import ATTENTION_FORMS
 from scaling.models.transformer import (
     Attention,
     Transformer,
     TransformerConfig,
     apply_rope,
-    flops_per_token,
-    init_cache,
 )
+from scaling.models.transformer_formulas import flops_per_token
 from scaling.training.state_summary import parameter_count
 
 TINY = TransformerConfig(vocab_size=37, num_layers=2, embed_dim=16, num_heads=4,
@@ -212,32 +211,48 @@ def test_kv_cache_decoding_matches_full_forward(num_kv_heads, prefill, scan_laye
                                                 scan_unroll, attention):
     config = dataclasses.replace(TINY, num_kv_heads=num_kv_heads, scan_layers=scan_layers,
                                  scan_unroll=scan_unroll, attention=attention)
+    """The paged cache (`scaling.models.paged`), as `--mode=sample` and the engine use it:
+    a prompt of several tokens, then one token a step, give the logits of one whole pass,
+    and the pool holds keys at the positions written and nowhere else."""
     model = Transformer(config)
     params = init_params(config)
     sequence = tokens(seed=2)
     want = forward(config, params, sequence)
+    P = 4  # positions per block: rows span several blocks, the last one part full
+    per_row = config.max_seq_len // P
+    num_blocks = B * per_row
+    table_BM = jnp.arange(num_blocks, dtype=jnp.int32)[::-1].reshape(B, per_row)
 
     @jax.jit
-    def step(cache, tokens_BL):
+    def step(cache, tokens_BL, start):
+        n = tokens_BL.shape[1]
+        positions_BL = jnp.broadcast_to(start + jnp.arange(n, dtype=jnp.int32), (B, n))
+        slots_BL, table_BW = paged.locate(table_BM, positions_BL, per_row, P)
+        batch = paged.PagedBatch(positions_BL=positions_BL, slots_BL=slots_BL,
+                                 block_table_BM=table_BW,
+                                 logit_index_B=jnp.broadcast_to(jnp.arange(n), (B, n)),
+                                 num_blocks=num_blocks, block_size=P)
         logits, variables = model.apply({"params": params, "cache": cache}, tokens_BL,
-                                        decode=True, mutable=["cache"])
+                                        paged_batch=batch, mutable=["cache"])
         return variables["cache"], logits
 
-    cache = init_cache(model, B)
-    one_layer = (B, config.max_seq_len, num_kv_heads, config.head_dim)
-    if scan_layers:
-        assert cache["layers"]["attention"]["cached_key"].shape == (config.num_layers,
-                                                                    *one_layer)
-    else:
-        assert cache["layers_1"]["attention"]["cached_value"].shape == one_layer
-    cache, first = step(cache, sequence[:, :prefill])  # several tokens at once
+    cache = paged.pool_variables(config, num_blocks, P)
+    assert cache["paged_key"].shape == (num_kv_heads, config.num_layers * num_blocks, P,
+                                        config.head_dim)
+    cache, first = step(cache, sequence[:, :prefill], 0)  # several tokens at once
     pieces = [first]
     for t in range(prefill, L):
-        cache, logits = step(cache, sequence[:, t:t + 1])
+        cache, logits = step(cache, sequence[:, t:t + 1], t)
         pieces.append(logits)
     np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), want, rtol=1e-5, atol=1e-5)
-    for index in jax.tree.leaves({k: v["attention"]["cache_index"] for k, v in cache.items()}):
-        np.testing.assert_array_equal(index, L)
+    written = np.zeros((config.num_layers * num_blocks, P), bool)
+    for row in range(B):
+        slots, _ = paged.locate(np.asarray(table_BM[row]), np.arange(L), per_row, P)
+        for layer in range(config.num_layers):
+            written[layer * num_blocks + slots // P, slots % P] = True
+    for name in ("paged_key", "paged_value"):
+        stored = np.abs(np.asarray(cache[name])).sum(axis=(0, 3)) > 0
+        np.testing.assert_array_equal(stored, written)
 
 
 def test_flops_per_token_by_hand():

@@ -1,9 +1,10 @@
 """`--mode=sample`: text from a language-model checkpoint, decoded with a KV cache.
 
 The prompt is encoded with the tokenizer that training saved in the workdir (so the corpus is
-not needed) and prefilled in one pass; new tokens are
-then drawn one at a time inside a compiled `lax.scan`, each from
-`fold_in(key(seed), position)`, so a fixed seed always gives the same text. When the text
+not needed) and prefilled in one pass; new tokens are then chosen one at a time inside a
+compiled `lax.scan` by the serving engine's sampler (`scaling.engine.sampling`), the n-th from
+`fold_in(key(seed), n)`, so a fixed seed always gives the same text, and the text the server
+gives a request with that seed. When the text
 outgrows the model's context, decoding restarts from the last half-context of tokens.
 Only the model and its params are restored (`scaling.inference.restore`): no dataset, no
 optimizer.
@@ -22,6 +23,8 @@ import numpy as np
 
 from scaling.data import workdir_tokenizer
 from scaling.data.preprocess import LANGUAGE_TASKS
+from scaling.engine import sampling
+from scaling.engine.programs import buckets
 from scaling.errors import UserError
 from scaling.inference import restore
 from scaling.models import paged
@@ -48,19 +51,6 @@ class SampleOptions:
             raise UserError("--prompt: must not be empty")
 
 
-def sample_token(logits_BV: jax.Array, rng: jax.Array, temperature: float, top_k: int,
-                 vocab_limit: int) -> jax.Array:
-    """One token per row: greedy at temperature 0, else from the top-k softmax."""
-    ids = jnp.arange(logits_BV.shape[-1])
-    logits_BV = jnp.where(ids < vocab_limit, logits_BV, -jnp.inf)  # padding ids never win
-    if temperature == 0:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    if top_k:
-        kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
-        logits_BV = jnp.where(logits_BV < kth, -jnp.inf, logits_BV)
-    return jax.random.categorical(rng, logits_BV / temperature).astype(jnp.int32)
-
-
 BLOCK_SIZE = 16  # positions per block of the paged cache
 
 
@@ -68,35 +58,51 @@ def _paged_batch(table_BM: jax.Array, positions_BL: jax.Array, width: int,
                  num_blocks: int) -> paged.PagedBatch:
     """The tokens at `positions_BL` of every row, read through the first `width` blocks of
     its table."""
-    P = BLOCK_SIZE
-    blocks_BL = jnp.take_along_axis(table_BM, positions_BL // P, axis=1)
-    return paged.PagedBatch(positions_BL=positions_BL, slots_BL=blocks_BL * P + positions_BL % P,
-                            block_table_BM=table_BM[:, :width],
+    slots_BL, table_BW = paged.locate(table_BM, positions_BL, width, BLOCK_SIZE)
+    return paged.PagedBatch(positions_BL=positions_BL, slots_BL=slots_BL,
+                            block_table_BM=table_BW,
                             logit_index_B=jnp.full(positions_BL.shape[:1],
                                                    positions_BL.shape[1] - 1, jnp.int32),
-                            num_blocks=num_blocks, block_size=P)
+                            num_blocks=num_blocks, block_size=BLOCK_SIZE)
+
+
+def _settings(rows: int, temperature: float, top_k: int, seed: jax.Array,
+              index: jax.Array) -> sampling.RowSettings:
+    """Every row drawing with the same settings from key(seed) and its token `index`, as
+    the engine draws for a request, and adjusting nothing."""
+    return sampling.RowSettings(
+        temperature_B=jnp.full((rows,), temperature, jnp.float32),
+        top_k_B=jnp.full((rows,), top_k, jnp.int32), top_p_B=jnp.ones((rows,), jnp.float32),
+        min_p_B=jnp.zeros((rows,), jnp.float32),
+        seed_B=jnp.full((rows,), seed, jnp.uint32), index_B=jnp.full((rows,), index, jnp.int32),
+        slot_B=jnp.ones((rows,), jnp.int32),  # past the one slot of state: none is touched
+        adjust_B=jnp.zeros((rows,), bool), mask_stops_B=jnp.zeros((rows,), bool),
+        presence_B=jnp.zeros((rows,), jnp.float32), frequency_B=jnp.zeros((rows,), jnp.float32),
+        repetition_B=jnp.ones((rows,), jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_new", "temperature", "top_k",
                                              "vocab_limit"))
-def generate(model, params, prompt_BL: jax.Array, rng: jax.Array, first_index: jax.Array, *,
+def generate(model, params, prompt_BL: jax.Array, seed: jax.Array, first_index: jax.Array, *,
              num_new: int, temperature: float, top_k: int, vocab_limit: int) -> jax.Array:
-    """`num_new` tokens after the prompt; `first_index` numbers them for the rng.
+    """`num_new` tokens after the prompt; `first_index` numbers them for the draws.
+
+    Tokens are chosen by the serving engine's `scaling.engine.sampling.choose`, so a token
+    drawn here with a seed is the one the server draws for a request with that seed: greedy
+    at temperature 0, else from key(seed) folded with the token's number.
 
     The cache is the serving engine's paged form (`scaling.models.paged`) with each row
     owning the blocks for its prompt and new tokens, and decoding runs in stretches, one
     compiled loop per power of two of blocks read: a step reads the keys written so far,
     rounded up, never the whole context.
     """
-    from scaling.engine.programs import buckets
-    from scaling.models.transformer import pool_variables
-
     model, params = unrolled(model, params)  # sliced once a call, not once a step
     B, L = prompt_BL.shape
     P = BLOCK_SIZE
     per_row = math.ceil((L + num_new) / P)
     table_BM = jnp.arange(B * per_row, dtype=jnp.int32).reshape(B, per_row)
-    cache = pool_variables(model.config, B * per_row, P)
+    cache = paged.pool_variables(model.config, B * per_row, P)
+    state = sampling.SlotState.zeros(1, model.config.vocab_size)
 
     def forward(cache, tokens_BL, positions_BL, width):
         batch = _paged_batch(table_BM, positions_BL, width, B * per_row)
@@ -111,8 +117,9 @@ def generate(model, params, prompt_BL: jax.Array, rng: jax.Array, first_index: j
     def stretch(width):
         def step(carry, index):
             cache, logits_BV = carry
-            token_B = sample_token(logits_BV, jax.random.fold_in(rng, first_index + index),
-                                   temperature, top_k, vocab_limit)
+            settings = _settings(B, temperature, top_k, seed, first_index + index)
+            choice, _ = sampling.choose(logits_BV, settings, state, vocab_limit)
+            token_B = choice.token_B
             position_B1 = jnp.full((B, 1), L + index, jnp.int32)
             return forward(cache, token_B[:, None], position_B1, width), token_B
         return step
@@ -140,12 +147,12 @@ def sample_text(model, params, tokenizer, options: SampleOptions) -> str:
     if len(tokens) >= context:
         raise UserError(f"--prompt: {len(tokens)} tokens, but the model's context is "
                         f"{context}; shorten the prompt")
-    rng = jax.random.PRNGKey(options.seed)
     produced = 0
     while produced < options.max_new_tokens:
         window = tokens if produced == 0 else tokens[-(context // 2):]
         num_new = min(options.max_new_tokens - produced, context - len(window))
-        new = generate(model, params, jnp.asarray([window], jnp.int32), rng,
+        new = generate(model, params, jnp.asarray([window], jnp.int32),
+                       np.uint32(options.seed % (1 << 32)),
                        jnp.asarray(produced), num_new=num_new,
                        temperature=float(options.temperature), top_k=int(options.top_k),
                        vocab_limit=tokenizer.vocab_size)

@@ -2,10 +2,11 @@
 
 Models use the logical axis names of `scaling.models.axes` only. Each model also says what a
 training step should cost: FLOPs per example and collective bytes per step (the protocol is
-in `scaling.models.formulas`). The built-in models define them in their modules; an
-experiment file that defines `make_model(config)` may define `flops_per_example(model,
-config, params)` and `collective_bytes(model, config, layout)` beside it. A model class with
-neither gets no formula, and preflight says so rather than guessing.
+in `scaling.models.formulas`). The built-in models define them beside their code (`mlp`,
+`transformer_formulas`); an experiment file that defines `make_model(config)` may define
+`flops_per_example(model, config, params)` and `collective_bytes(model, config, layout)`
+beside it. A model class with neither gets no formula, and preflight says so rather than
+guessing.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ def init_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 def transformer_config(model_config: ml_collections.ConfigDict, platform: str | None = None,
                        seq_len: int | None = None):
     """The model's config with `attention=auto` resolved for `platform` (see
-    `transformer.choose_attention`)."""
-    from scaling.models.transformer import TransformerConfig, choose_attention
+    `attention_choice.choose_attention`)."""
+    from scaling.models.attention_choice import choose_attention
+    from scaling.models.transformer import TransformerConfig
 
     fields = {f.name for f in dataclasses.fields(TransformerConfig)}
     unknown = sorted(set(model_config.keys()) - fields - {"name"})
@@ -84,9 +86,9 @@ def transformer_config(model_config: ml_collections.ConfigDict, platform: str | 
 def _model_formulas(model: nn.Module, experiment) -> tuple[Callable | None, Callable | None]:
     """(flops_per_example, collective_bytes) for this model: the experiment's own functions
     where its file defines them, else those of the built-in model class, else None."""
-    from scaling.models import mlp, transformer
+    from scaling.models import mlp, transformer, transformer_formulas
 
-    builtin = {mlp.MLP: mlp, transformer.Transformer: transformer}.get(type(model))
+    builtin = {mlp.MLP: mlp, transformer.Transformer: transformer_formulas}.get(type(model))
     found = []
     for name in ("flops_per_example", "collective_bytes"):
         hook = getattr(experiment, name, None)

@@ -3,8 +3,8 @@
 Only the model knows how its matmuls are laid out, which of its params are scanned layers,
 and which activations tensor parallelism must all-reduce, so the formulas live with the
 models and preflight only compares them with what XLA compiled. A model provides two
-functions (the built-in ones in their own modules, an experiment in its file, beside
-`make_model`):
+functions (the MLP's in its module, the transformer's in `transformer_formulas`, an
+experiment's in its file, beside `make_model`):
 
     flops_per_example(model, config, params) -> float
         analytic FLOPs of one forward and backward pass over one example; `params` is the

@@ -33,6 +33,7 @@ import math
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @flax.struct.dataclass
@@ -78,10 +79,38 @@ def pool_shape(num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: in
     return (num_kv_heads, num_layers * num_blocks, block_size, head_dim)
 
 
+def pool_variables(config, num_blocks: int, block_size: int) -> dict:
+    """An empty pool of `num_blocks` blocks for a `TransformerConfig`'s model, as the "cache"
+    collection that a step with a `paged_batch` applies with."""
+    shape = pool_shape(config.num_layers, config.num_kv_heads, config.head_dim, num_blocks,
+                       block_size)
+    return {"paged_key": jnp.zeros(shape, config.dtype),
+            "paged_value": jnp.zeros(shape, config.dtype)}
+
+
+def locate(block_table, positions, width: int, block_size: int):
+    """(slots, table): where each position's key and value go in the pool, block·P + offset
+    read through its row's block table, and that table cut or zero-padded to `width` blocks,
+    the width the batch is compiled for. `write` undoes the slot arithmetic.
+
+    The table is (..., M) and the positions (..., L) with the same leading axes: one
+    sequence's blocks and new positions, or a batch's rows. numpy in, numpy out, for a
+    scheduler building a step on the host; jax arrays in (traced too), jax arrays out.
+    """
+    xp = jnp if isinstance(block_table, jax.Array) or isinstance(positions, jax.Array) else np
+    slots = (xp.take_along_axis(block_table, positions // block_size, axis=-1) * block_size
+             + positions % block_size)
+    M = block_table.shape[-1]
+    if M >= width:
+        return slots, block_table[..., :width]
+    padding = [(0, 0)] * (block_table.ndim - 1) + [(0, width - M)]
+    return slots, xp.pad(block_table, padding)
+
+
 def write(pool: Pool, layer, batch: PagedBatch, key_BLKDh: jax.Array,
           value_BLKDh: jax.Array) -> Pool:
-    """The pool with one layer's new keys and values stored at the batch's slots; slots past
-    the pool (padding) are dropped."""
+    """The pool with one layer's new keys and values stored at the batch's slots (as
+    `locate` made them); slots past the pool (padding) are dropped."""
     N, P = batch.num_blocks, batch.block_size
     slots = batch.slots_BL.reshape(-1)
     pages = jnp.where(slots < N * P, layer * N + slots // P, pool.key.shape[1])

@@ -10,7 +10,8 @@ without running it:
     F  MLP hidden width          V   vocabulary
                                  M   the queries of one key/value head (G·L)
 
-S is L in a training pass and `max_seq_len` when decoding against the KV cache.
+S is L in a whole pass (training, evaluation); a serving step reads its keys from the
+paged cache instead (`scaling.models.paged`).
 
 T is B·L, the tokens of a batch flattened. Dense layers run as (T, in) @ (in, out) matmuls so
 that their weight gradients contract a single axis: XLA:CPU lowers the two-axis ("bl")
@@ -34,14 +35,12 @@ XLA:CPU 1.3x slower. Unrolled, compile time grows with depth and, under FSDP, XL
 every layer's gathered parameters from the forward pass to the backward instead of gathering
 them again, so large models keep the loop.
 
-The attention core (`attention`) is the Pallas splash kernel on TPU (`splash`, in
-`scaling.models.tpu_attention`), cuDNN's fused kernel on GPU (`cudnn`, in
-`scaling.models.gpu_attention`), both of which `auto` picks on their platform, or one of two
-written forms:
-`grouped_einsum`, which XLA lays out best on GPU, and `batched_matmul` with a hand-written
-backward, which keeps XLA:CPU's products in its fast matmul library; that CPU-only trick lives
-in `scaling.models.cpu_attention`. Decoding with the KV cache always uses a written form.
-The written forms and their masks live in `scaling.models.attention`.
+The attention core (`attention`) is the Pallas splash kernel on TPU (`splash`), cuDNN's fused
+kernel on GPU (`cudnn`), or a written form (`grouped_einsum`, or the CPU-only
+`batched_matmul`), chosen in `scaling.models.attention_choice`; the written forms and their
+masks live in `scaling.models.attention`, RoPE in `scaling.models.rope`. Decoding with the
+paged KV cache uses the gather form of `scaling.models.paged`, or on TPU its Pallas kernel.
+The cost formulas are in `scaling.models.transformer_formulas`.
 
 A row may pack several documents (`segment_ids_BL` numbers them 1, 2, ... from the row's start;
 0 is padding). Each token then attends only to earlier tokens of its own document and takes its
@@ -60,17 +59,16 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
-import numpy as np
 
 from scaling.errors import UserError
-from scaling.models import context, formulas, gpu_attention, paged
+from scaling.models import context, gpu_attention, paged
 from scaling.models.attention import (
     ATTENTION_FORMS,
     causal_mask,
     chunked_einsum_attention,
     segment_mask,
 )
+from scaling.models.attention_choice import ATTENTION_CHOICES, SPLASH_LANES
 from scaling.models.axes import (
     BATCH,
     EMBED,
@@ -83,6 +81,7 @@ from scaling.models.axes import (
     VOCAB,
     constrain,
 )
+from scaling.models.rope import ROPE_SCALINGS, apply_rope, rope_frequencies
 from scaling.models.tiled_loss import Projection
 
 REMAT_POLICIES = {
@@ -222,91 +221,9 @@ class RMSNorm(nn.Module):
         return (x * scale_D.astype(jnp.float32)).astype(self.config.dtype)
 
 
-ROPE_SCALINGS = ("none", "llama3")
-
-
-def rope_frequencies(config: TransformerConfig) -> np.ndarray:
-    """The rotation rate of each pair (Dh/2 of them, float32), theta^(-i/(Dh/2)) for pair i.
-
-    `rope_scaling=llama3` (Llama 3.1 and 3.2) stretches them for a longer context than the
-    model was first trained at: pairs whose wavelength exceeds original/low_freq_factor turn
-    `rope_scaling_factor` times slower, those under original/high_freq_factor are kept, and
-    the band between moves smoothly from one to the other.
-    """
-    c = config
-    half = c.head_dim // 2
-    inv_freq = c.rope_theta ** (-np.arange(half, dtype=np.float64) / half)
-    if c.rope_scaling == "llama3":
-        wavelength = 2 * np.pi / inv_freq
-        original = c.rope_original_max_len
-        low, high = c.rope_low_freq_factor, c.rope_high_freq_factor
-        slowed = inv_freq / c.rope_scaling_factor
-        blend = np.clip((original / wavelength - low) / (high - low), 0.0, 1.0)
-        inv_freq = (1 - blend) * slowed + blend * inv_freq
-    return inv_freq.astype(np.float32)
-
-
-def apply_rope(x_BLHDh: jax.Array, positions_BL: jax.Array,
-               inv_freq: float | np.ndarray) -> jax.Array:
-    """Rotates pairs (i, i + Dh/2) by position-dependent angles, so q·k sees only offsets.
-
-    `inv_freq` is each pair's rate (`rope_frequencies`), or a bare theta for the unscaled
-    rates."""
-    half = x_BLHDh.shape[-1] // 2
-    if np.ndim(inv_freq) == 0:
-        inv_freq = float(inv_freq) ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle_BL1h = (positions_BL.astype(jnp.float32)[:, :, None] * inv_freq)[:, :, None, :]
-    sin, cos = jnp.sin(angle_BL1h), jnp.cos(angle_BL1h)
-    x1, x2 = jnp.split(x_BLHDh.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x_BLHDh.dtype)
-
-
-# `model.attention`: a written form (`ATTENTION_FORMS`), the TPU kernel, or auto (one per platform).
-ATTENTION_CHOICES = ("auto", *ATTENTION_FORMS, "splash", "cudnn")
-SPLASH_LANES = 128  # the splash kernel's sequence lengths are multiples of this
-
-
-def choose_attention(choice: str, platform: str | None, seq_len: int | None,
-                     dtype: Any = jnp.float32, head_dim: int | None = None) -> str:
-    """`model.attention` for the devices the model runs on.
-
-    `auto` takes a fused kernel where the platform has one and the config suits it: Pallas
-    splash on TPU (a training length that is a multiple of 128), cuDNN on GPU (bfloat16 or
-    float16, heads of at most 128); elsewhere `grouped_einsum`. `batched_matmul`, faster on a
-    CPU, is chosen by the CPU experiments themselves. An explicit kernel that the platform or
-    config cannot run is a user error. A mesh that is only a shape (`platform` None) keeps
-    the portable form.
-    """
-    fits_splash = seq_len is None or seq_len % SPLASH_LANES == 0
-    fits_cudnn = gpu_attention.usable(dtype, head_dim)
-    if choice == "auto":
-        if platform == "tpu" and fits_splash:
-            return "splash"
-        if platform == "gpu" and fits_cudnn:
-            return "cudnn"
-        return "grouped_einsum"
-    kernel_platform = {"splash": "tpu", "cudnn": "gpu"}.get(choice)
-    if kernel_platform is None:
-        return choice
-    if platform not in (kernel_platform, None):
-        raise UserError(f"--config.model.attention={choice} runs on {kernel_platform.upper()} "
-                        f"only; these devices are {platform}: use auto, grouped_einsum or "
-                        f"batched_matmul")
-    if choice == "splash" and not fits_splash:
-        raise UserError(f"--config.model.attention=splash needs --config.data.seq_len "
-                        f"to be a multiple of {SPLASH_LANES}, not {seq_len}")
-    if choice == "cudnn" and not fits_cudnn:
-        raise UserError(f"--config.model.attention=cudnn needs --config.model.dtype bfloat16 "
-                        f"or float16 (not {jnp.dtype(dtype).name}) and --config.model.head_dim "
-                        f"a multiple of 8 up to {gpu_attention.CUDNN_MAX_HEAD_DIM} "
-                        f"(not {head_dim})")
-    return "grouped_einsum" if platform is None else choice
-
-
 class Attention(nn.Module):
-    """Causal grouped-query attention with an optional KV cache (the flax lm1b pattern),
-    kept within each packed document when given segment ids.
+    """Causal grouped-query attention, kept within each packed document when given segment
+    ids; with a paged batch, against the serving engine's paged KV cache.
 
     With `seq_shards` > 1 the sequence arrives reordered and split for context parallelism
     (`scaling.models.context`): keys and values are gathered whole and put back in order,
@@ -314,7 +231,6 @@ class Attention(nn.Module):
     """
 
     config: TransformerConfig
-    decode: bool = False
     seq_shards: int = 1
 
     @nn.compact
@@ -358,30 +274,16 @@ class Attention(nn.Module):
             return self._output(out_BLHDh, w_HDhD, flatten), pool
 
         # Slots index the key/value sequence: causality compares slots, RoPE uses positions.
-        cache = self._cache_variables(B) if self.decode else None
-        initialized = cache is not None and cache.initialized
-        start = cache.index.value if initialized else 0
-        q_slot_L = start + jnp.arange(L)
+        q_slot_L = jnp.arange(L)
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(q_slot_L, (B, L))
         inv_freq = rope_frequencies(c)
         q_BLHDh = apply_rope(q_BLHDh, positions_BL, inv_freq)
         k_BLKDh = apply_rope(k_BLKDh, positions_BL, inv_freq)
 
-        if initialized:
-            # The cache holds rotated keys, so each key keeps the position it was written at.
-            # Slots past the new tokens hold zeros and are masked out below. Writing past
-            # max_seq_len cannot raise under jit: dynamic_update_slice clamps the start.
-            for variable, new_BLKDh in ((cache.key, k_BLKDh), (cache.value, v_BLKDh)):
-                variable.value = jax.lax.dynamic_update_slice(
-                    variable.value, new_BLKDh.astype(variable.value.dtype), (0, start, 0, 0))
-            cache.index.value = start + L
-            k_BSKDh, v_BSKDh = cache.key.value, cache.value.value
-        else:
-            # A training pass, or the init that creates the cache (which must not write it).
-            k_BSKDh, v_BSKDh = k_BLKDh, v_BLKDh
+        k_BSKDh, v_BSKDh = k_BLKDh, v_BLKDh  # a whole pass: S is L
         kv_segment_ids_BS = segment_ids_BL
-        if self.seq_shards > 1:  # a training pass, reordered: S is L
+        if self.seq_shards > 1:  # reordered for context parallelism
             q_slot_L = jnp.asarray(context.balanced_order(L, self.seq_shards))
             inverse = context.inverse_order(L, self.seq_shards)
             whole = (BATCH, None, HEADS, KV)  # all-gathered over the sequence's devices
@@ -390,22 +292,21 @@ class Attention(nn.Module):
             if segment_ids_BL is not None:
                 kv_segment_ids_BS = segment_ids_BL[:, inverse]
 
-        if c.attention == "splash" and not self.decode:  # a training pass: S is L
+        if c.attention == "splash":
             from scaling.models import tpu_attention  # Pallas: 0.35 s to import, TPU only
 
             out_BLHDh = tpu_attention.sharded_splash_attention(
                 q_BLHDh, k_BSKDh, v_BSKDh, segment_ids_BL, kv_segment_ids_BS,
                 seq_shards=self.seq_shards, block=c.splash_block)
-        elif c.attention == "cudnn" and not self.decode:
+        elif c.attention == "cudnn":
             out_BLHDh = gpu_attention.cudnn_attention(
                 q_BLHDh, k_BSKDh, v_BSKDh, segment_ids_BL, kv_segment_ids_BS,
                 q_slot_L if self.seq_shards > 1 else None)
         else:
             if segment_ids_BL is None:  # one mask shared by every row
                 mask_BLS = causal_mask(q_slot_L, k_BSKDh.shape[1])
-            else:  # a training pass: S is L
+            else:
                 mask_BLS = segment_mask(segment_ids_BL, kv_segment_ids_BS, q_slot_L)
-            # The KV cache keeps the portable form, whatever trains.
             form = c.attention if c.attention in ATTENTION_FORMS else "grouped_einsum"
             if form == "grouped_einsum" and c.query_chunk and L > c.query_chunk:
                 out_BLHDh = chunked_einsum_attention(q_BLHDh, k_BSKDh, v_BSKDh, mask_BLS,
@@ -446,26 +347,6 @@ class Attention(nn.Module):
                 layer * batch.num_blocks + batch.block_table_BM)
             return out_BHDh[:, None], pool
         return paged.attend(q_BLHDh, pool, layer, batch), pool
-
-    def _cache_variables(self, B: int) -> _Cache:
-        c = self.config
-        initialized = self.has_variable("cache", "cached_key")
-        shape = (B, c.max_seq_len, c.num_kv_heads, c.head_dim)
-        zeros = nn.with_logical_partitioning(jnp.zeros, (BATCH, SEQ, HEADS, KV))
-        return _Cache(
-            initialized=initialized,
-            key=self.variable("cache", "cached_key", zeros, shape, c.dtype),
-            value=self.variable("cache", "cached_value", zeros, shape, c.dtype),
-            index=self.variable("cache", "cache_index",
-                                nn.with_logical_partitioning(jnp.zeros, ()), (), jnp.int32))
-
-
-@dataclasses.dataclass
-class _Cache:
-    initialized: bool  # False during the init that creates the variables
-    key: nn.Variable
-    value: nn.Variable
-    index: nn.Variable
 
 
 class Mlp(nn.Module):
@@ -509,7 +390,6 @@ class Block(nn.Module):
     """
 
     config: TransformerConfig
-    decode: bool = False
     seq_shards: int = 1  # devices the sequence is split over (context parallelism)
 
     @nn.compact
@@ -520,7 +400,7 @@ class Block(nn.Module):
         names = (BATCH, SEQ, RESIDUAL)
         x_BLD, pool = carry if paged_batch is not None else (carry, None)
         h_BLD = RMSNorm(self.config, name="attention_norm")(x_BLD)
-        attention = Attention(self.config, self.decode, self.seq_shards, name="attention")
+        attention = Attention(self.config, self.seq_shards, name="attention")
         if paged_batch is not None:
             y_BLD, pool = attention(h_BLD, positions_BL, segment_ids_BL, paged_batch, pool,
                                     layer)
@@ -536,39 +416,36 @@ class Transformer(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, tokens_BL: jax.Array, *, train: bool = False, decode: bool = False,
+    def __call__(self, tokens_BL: jax.Array, *, train: bool = False,
                  positions_BL: jax.Array | None = None,
                  segment_ids_BL: jax.Array | None = None,
                  paged_batch: paged.PagedBatch | None = None) -> jax.Array:
         """Float32 logits (B, L, V) for next-token prediction.
 
-        With `decode=True`, apply with `mutable=["cache"]` and a cache from `init_cache`: the
-        L new tokens are attended against everything cached so far, written at the cache
-        index, and the index advances by L. `positions_BL` overrides the rotary positions
-        (they default to the tokens' slots, 0..L-1, or index..index+L-1 when decoding);
-        causal masking always follows the slots.
+        `positions_BL` overrides the rotary positions (they default to the tokens' slots,
+        0..L-1); causal masking always follows the slots.
 
         `segment_ids_BL` marks the documents packed into each row (1, 2, ... ; 0 is padding)
         and keeps attention within each document (see `segment_mask`); pass the positions
         within each document as `positions_BL` too, or later documents are rotated as if
-        they continued the earlier ones. Decoding serves one sequence per row, so the KV
-        cache does not take segments.
+        they continued the earlier ones.
 
         With `paged_batch` (a serving engine's step, `scaling.models.paged`), apply with
         `mutable=["cache"]` and the engine's pools: the tokens are written into the paged
         cache at the batch's slots, rotated by its positions, and only the logits of each
         row's `logit_index_B` token are made, (B, 1, V) (or of its L' tokens when the index
-        is (B, L'), (B, L', V)).
+        is (B, L'), (B, L', V)). The cache serves one sequence per row, so a paged batch
+        takes no segments.
         """
         del train  # no dropout in this model
-        if decode and segment_ids_BL is not None:
-            raise ValueError("segment_ids_BL with decode=True: the KV cache holds one "
+        if paged_batch is not None and segment_ids_BL is not None:
+            raise ValueError("segment_ids_BL with a paged batch: the KV cache holds one "
                              "sequence per row, so decode without segment ids")
         c = self.config
         # Context parallelism: a split sequence is reordered to balance causal attention
         # (`scaling.models.context`); the outputs come back in the callers' order.
         L = tokens_BL.shape[1]
-        seq_shards = 1 if decode or paged_batch is not None else context.sequence_shards()
+        seq_shards = 1 if paged_batch is not None else context.sequence_shards()
         if paged_batch is not None:
             positions_BL = paged_batch.positions_BL
         if seq_shards > 1:
@@ -603,11 +480,11 @@ class Transformer(nn.Module):
                             length=c.num_layers, unroll=unroll,
                             metadata_params={nn.PARTITION_NAME: LAYERS})
             layer_numbers = None if pool is None else jnp.arange(c.num_layers)
-            carry, _ = stack(c, decode, seq_shards, name="layers")(
+            carry, _ = stack(c, seq_shards, name="layers")(
                 carry, positions_BL, segment_ids_BL, paged_batch, layer_numbers)
         else:
             for i in range(c.num_layers):
-                carry, _ = layer(c, decode, seq_shards, name=f"layers_{i}")(
+                carry, _ = layer(c, seq_shards, name=f"layers_{i}")(
                     carry, positions_BL, segment_ids_BL, paged_batch, i)
         x_BLD = carry
         if pool is not None:
@@ -620,7 +497,7 @@ class Transformer(nn.Module):
             index_BL = index[:, None] if index.ndim == 1 else index
             x_BLD = jnp.take_along_axis(x_BLD, index_BL[:, :, None], axis=1)
         x_BLD = RMSNorm(c, name="final_norm")(x_BLD)
-        if c.loss_chunk and not decode and paged_batch is None:
+        if c.loss_chunk and paged_batch is None:
             return self._projection(x_BLD, embedding_VD, seq_shards)
         if c.tie_embeddings:
             logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, embedding_VD.astype(c.dtype),
@@ -671,19 +548,6 @@ class Transformer(nn.Module):
                           seq_shards)
 
 
-def init_cache(model: Transformer, batch_size: int) -> dict:
-    """An empty KV cache (zeros, index 0) for `batch_size` sequences, as plain arrays.
-
-    Shapes come from an abstract init, so no parameters are computed. For shardings, take
-    `nn.get_partition_spec` of the same `jax.eval_shape` output: the cache is named
-    (layers, batch, seq, heads, kv).
-    """
-    tokens = jax.ShapeDtypeStruct((batch_size, 1), jnp.int32)
-    abstract = jax.eval_shape(
-        lambda t: model.init(jax.random.key(0), t, decode=True)["cache"], tokens)
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.meta.unbox(abstract))
-
-
 def _is_variable(x) -> bool:
     return isinstance(x, nn.Variable)
 
@@ -701,100 +565,3 @@ def unrolled(model: Transformer, params) -> tuple[Transformer, Any]:
              for i in range(c.num_layers)}
     rest = {name: value for name, value in params.items() if name != "layers"}
     return type(model)(dataclasses.replace(c, scan_layers=False)), {**rest, **split}
-
-
-def pool_variables(config: TransformerConfig, num_blocks: int, block_size: int) -> dict:
-    """An empty paged KV cache (`paged`) of `num_blocks` blocks, as the "cache" collection
-    that a step with a `paged_batch` applies with."""
-    shape = paged.pool_shape(config.num_layers, config.num_kv_heads, config.head_dim,
-                             num_blocks, block_size)
-    return {"paged_key": jnp.zeros(shape, config.dtype),
-            "paged_value": jnp.zeros(shape, config.dtype)}
-
-
-def flops_per_token(config: TransformerConfig, seq_len: int) -> float:
-    """Training FLOPs (forward and backward) per token, by the PaLM appendix B convention.
-
-    6·N + 12·num_layers·num_heads·head_dim·seq_len, where N counts the matmul parameters:
-    the attention and MLP kernels of every layer plus the D·V output projection (counted
-    whether or not it is tied to the embedding, since the logits matmul runs either way).
-    N leaves out the input embedding (a gather, no FLOPs) and the norm scales (elementwise).
-    The attention term counts QKᵀ and AV over the full L×L square, ignoring the causal mask,
-    as PaLM does; MFU computed from it is comparable to published numbers.
-    """
-    c = config
-    attention = c.embed_dim * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-    mlp = 3 * c.embed_dim * c.mlp_dim
-    matmul_params = c.num_layers * (attention + mlp) + c.embed_dim * c.vocab_size
-    return 6.0 * matmul_params + 12.0 * c.num_layers * c.num_heads * c.head_dim * seq_len
-
-
-def flops_per_example(model: Transformer, config: ml_collections.ConfigDict, params) -> float:
-    """Training FLOPs of one sequence: `flops_per_token` times the tokens that are predicted
-    (`data.seq_len`; each example holds one more, the last target)."""
-    del params  # the count follows from the config, tied or not
-    seq_len = config.data.seq_len
-    return flops_per_token(model.config, seq_len) * seq_len
-
-
-def _scanned(param: formulas.ParamLayout) -> bool:
-    return param.path[0] == "layers"
-
-
-def collective_bytes(model: Transformer, config: ml_collections.ConfigDict,
-                     layout: formulas.StepLayout) -> dict[str, float]:
-    """Per-device buffer bytes per step by group: `formulas.parameter_collectives` for data
-    parallelism and FSDP (the scanned `layers` gathered forward and again backward), plus
-    tensor parallelism's activation all-reduces.
-
-    Tensor parallelism: one all-reduce of the layer's activations (tokens × width, compute
-    dtype) per matmul whose contraction is split: per layer two in the forward pass
-    (attention output, MLP down), two in the backward pass where XLA sums the partial input
-    gradients first (TPU) or five where it does not (CPU: query, key, value, gate, up), one
-    more when full remat recomputes the attention output; plus, for a vocabulary split over
-    `tensor`, the embedding lookup (in the table's dtype) and the input gradient of the
-    float32 logits.
-
-    Context parallelism (the sequence split over `layout.sequence_parallel` devices): each
-    layer gathers its keys and values whole (a buffer of the local rows' full sequence, local
-    key/value heads, compute dtype), again when full remat recomputes the layer, and reduces
-    their gradients in the backward pass; the tensor all-reduces above then carry only the
-    device's share of the sequence. Whole logits (no `loss_chunk`) are gathered once to put
-    them back in order, and their gradient reduced back; the tiled loss reorders the targets
-    instead, which costs nothing.
-
-    XLA is free to do otherwise, and preflight's comparison shows where it did: for a small
-    embedding table split over fsdp it sends the looked-up rows by all-to-all instead of
-    gathering the table and reducing its gradient; under full remat on TPU it may gather a
-    layer's weights a third time for the recomputed forward pass; for small batches it may
-    move activations rather than weights.
-    """
-    c = model.config
-    compute_itemsize = c.dtype.itemsize
-    totals = formulas.parameter_collectives(layout, compute_itemsize=compute_itemsize,
-                                            microbatches=config.grad_accum_steps,
-                                            scanned=_scanned)
-    recompute = 1 if c.remat_policy == "full" else 0
-    rows = config.batch_size // layout.data_parallel
-    if layout.sequence_parallel > 1:
-        kv_bytes = (rows * config.data.seq_len * c.num_kv_heads // layout.mesh_shape["tensor"]
-                    * c.head_dim * compute_itemsize)
-        totals[formulas.ALL_GATHER] += 2 * (1 + recompute) * kv_bytes * c.num_layers
-        totals[formulas.GRADIENTS] += 2 * kv_bytes * c.num_layers
-        if not c.loss_chunk:  # whole float32 logits, put back in order for the caller
-            vocab_split = max((layout.mesh_shape["tensor"] for p in layout.params
-                               if p.path[0] in ("embedding", "output")
-                               and "tensor" in p.mesh_axes), default=1)
-            logits_bytes = rows * config.data.seq_len * c.vocab_size // vocab_split * 4
-            totals[formulas.ALL_GATHER] += logits_bytes
-            totals[formulas.GRADIENTS] += logits_bytes  # and their gradient scattered back
-    if layout.mesh_shape["tensor"] > 1:
-        tokens = rows * config.data.seq_len // layout.sequence_parallel
-        backward = 2 if layout.narrow else 5
-        per_layer = 2 + backward + recompute
-        totals[formulas.GRADIENTS] += (tokens * c.embed_dim * compute_itemsize * per_layer
-                                       * c.num_layers)
-        for p in layout.params:
-            if p.path == ("embedding",) and "tensor" in p.mesh_axes:
-                totals[formulas.GRADIENTS] += tokens * c.embed_dim * (p.itemsize + 4)
-    return totals
