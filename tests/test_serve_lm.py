@@ -195,6 +195,7 @@ def test_aborted_streams_free_their_slots_and_blocks(server):
         aborted = re.search(r'^scaling_requests_finished_total\{reason="abort"\} (\S+)',
                             response.read().decode(), re.M).group(1)
     assert float(aborted) >= 90  # a few may have finished all 80 tokens before the close
+    assert "Traceback" not in server.stderr.read_text()  # a client leaving is not an error
 
 
 def test_sigterm_finishes_the_streams_in_flight_and_exits_0(lm_run, tmp_path):

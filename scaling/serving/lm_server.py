@@ -284,6 +284,8 @@ def make_app(service: LanguageModelService, limits: Limits, parser: ThreadPoolEx
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
             return response
+        except ConnectionResetError:  # the client left mid-stream: nobody to answer
+            return response
         finally:
             service.in_flight -= 1
             for index in pending:  # the client left, or a sibling failed: stop the rest
