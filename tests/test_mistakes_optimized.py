@@ -1,4 +1,4 @@
-"""Every row of the README's table of user mistakes, under `python -O` (which strips
+"""Every row of the table of user mistakes (docs/command-line.md), under `python -O` (which strips
 asserts). The rows are tested under plain `python` where their behaviour is (test_cli,
 test_reliability, test_corpus, test_predict, test_hf, test_damaged_checkpoints); here each
 one is run once more with -O, from the command line, expecting exit 2 and one message."""

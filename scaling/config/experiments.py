@@ -34,7 +34,7 @@ def experiment_dirs() -> list[Path]:
     if os.environ.get(EXPERIMENTS_ENV):
         dirs.append(Path(os.environ[EXPERIMENTS_ENV]))
     dirs.append(Path.cwd() / "experiments")
-    dirs.append(Path(__file__).resolve().parent.parent / "experiments")
+    dirs.append(Path(__file__).resolve().parents[2] / "experiments")  # beside scaling/
     unique = []
     for d in dirs:
         if d.is_dir() and d.resolve() not in [u.resolve() for u in unique]:
