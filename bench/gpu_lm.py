@@ -35,12 +35,8 @@ import numpy as np
 import scaling.config.experiments
 from scaling.data import element_spec
 from scaling.models import context, gpu_attention
-from scaling.models.transformer import (
-    causal_mask,
-    flops_per_token,
-    grouped_einsum_attention,
-    segment_mask,
-)
+from scaling.models.attention import causal_mask, grouped_einsum_attention, segment_mask
+from scaling.models.transformer_formulas import flops_per_token
 from scaling.runtime import chips
 from scaling.sharding import mesh as mesh_lib
 from scaling.training.run import build_run_from_shapes, lower_train_step

@@ -30,7 +30,8 @@ from machine_load import cpu_seconds, page_faults, print_load
 from results import Contender, write_results
 
 from scaling.models.cpu_attention import attend
-from scaling.models.transformer import Mlp, RMSNorm, TransformerConfig, apply_rope
+from scaling.models.rope import apply_rope
+from scaling.models.transformer import Mlp, RMSNorm, TransformerConfig
 from scaling.runtime import platforms
 
 CONFIG = TransformerConfig(vocab_size=128, num_layers=4, embed_dim=128, num_heads=4,

@@ -15,8 +15,8 @@ on one CPU measures, in order:
    of the first chunk.
 
 Each throughput is the median over timed windows of `steps_per_call` steps after warm-up;
-model FLOPs follow `scaling.models.transformer.flops_per_token` (PaLM convention). Page faults
-per step are counted too: fresh temporaries cost time that no FLOP count shows (see
+model FLOPs follow `scaling.models.transformer_formulas.flops_per_token` (PaLM convention).
+Page faults per step are counted too: fresh temporaries cost time that no FLOP count shows (see
 `bench/README.md`).
 """
 
@@ -108,7 +108,7 @@ def make_torch_model(c: TransformerConfig):
     H, K, Dh, D, Fh = c.num_heads, c.num_kv_heads, c.head_dim, c.embed_dim, c.mlp_dim
 
     def rope(x, cos, sin):
-        # Split-half pairs (i, i + Dh/2), as transformer.apply_rope rotates them.
+        # Split-half pairs (i, i + Dh/2), as rope.apply_rope rotates them.
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 

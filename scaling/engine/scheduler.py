@@ -46,6 +46,10 @@ device-side `sampling.SlotState`.
 
 The loop runs on its own thread; `submit`, `submit_many` and `abort` may be called from any
 thread, and each request's `on_event` is called on the loop's thread.
+
+This module is over 600 lines because admission, preemption, prefill and the overlapped
+decode step share one set of per-sequence states that each of them changes; split apart,
+every piece would need the others' invariants.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ from scaling.engine import sampling
 from scaling.engine.blocks import BlockPool
 from scaling.engine.requests import Event, Request, TextStream, TokenLogprob
 from scaling.engine.stats import Stats
+from scaling.models import paged
 
 
 class QueueFull(Exception):
@@ -408,12 +413,9 @@ class Engine:
 
     def _row(self, seq: Sequence, start: int, end: int, width: int):
         """Positions, slots and block table of a sequence's tokens start..end-1."""
-        P = self.layout.block_size
         positions = np.arange(start, end, dtype=np.int32)
-        blocks = np.asarray(seq.blocks, np.int32)
-        slots = blocks[positions // P] * P + positions % P
-        table = np.zeros((width,), np.int32)
-        table[:len(seq.blocks)] = seq.blocks
+        slots, table = paged.locate(np.asarray(seq.blocks, np.int32), positions, width,
+                                    self.layout.block_size)
         return positions, slots, table
 
     def _settings(self, rows: list[Sequence | None],
