@@ -164,7 +164,6 @@ def transformers_generate(source: Path, prompts: np.ndarray, repeats: int):
 
 
 def sample_generate(experiment: Path, workdir: Path, prompts: np.ndarray, repeats: int):
-    import jax
     import jax.numpy as jnp
 
     from scaling.config import experiments as config_lib
@@ -175,7 +174,7 @@ def sample_generate(experiment: Path, workdir: Path, prompts: np.ndarray, repeat
 
     def run():
         out = sample.generate(restored.model, restored.params, jnp.asarray(prompts),
-                              jax.random.PRNGKey(0), jnp.asarray(0), num_new=NEW_TOKENS,
+                              jnp.asarray(0, jnp.uint32), jnp.asarray(0), num_new=NEW_TOKENS,
                               temperature=0.0, top_k=0, vocab_limit=SHAPE["vocab_size"])
         return np.asarray(out)
 
