@@ -229,18 +229,27 @@ def load_config(experiment: str, overrides: Iterable[str]) -> tuple[ml_collectio
     if not isinstance(given, ml_collections.ConfigDict):
         raise UserError(f"--experiment={path}: get_config() must return an "
                         "ml_collections.ConfigDict")
-    has_hook = has_model_hook(module)
     given = given.to_dict()
     given.pop("experiment", None)  # the loader names it, from the file
-    resolved = schema.resolve(given, f"--experiment={path}", has_hook)
-    resolved["experiment"] = path.stem
+    config = resolve_literal(given, f"--experiment={path}", path.stem, overrides,
+                             has_model_hook(module))
+    return config, module
+
+
+def resolve_literal(given: dict, source: str, name: str, overrides: Iterable[str],
+                    has_hook: bool = False) -> ml_collections.ConfigDict:
+    """A literal config (what `get_config()` returns, or what a model directory stands for)
+    over the schema's defaults, named `name`, with the overrides laid on, checked, locked.
+    `source` names where the literal came from in error messages."""
+    resolved = schema.resolve(given, source, has_hook)
+    resolved["experiment"] = name
     config = ml_collections.ConfigDict(resolved)
     selected = schema.selectors(resolved)
     apply_overrides(config, overrides)
     schema.check(config, selected, has_hook)
     validate(config)
     config.lock()
-    return config, module
+    return config
 
 
 def has_model_hook(module: types.ModuleType | None) -> bool:

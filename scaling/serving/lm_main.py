@@ -221,21 +221,12 @@ def hf_directory_config(directory: Path, overrides: list[str], dtype: str = "flo
                         max_model_len: int | None = None):
     """The resolved config of a Hugging Face directory: its architecture over the schema's
     defaults, then the `--config.` and `--mesh.` overrides, checked as an experiment's."""
-    import ml_collections
-
     from scaling.config import experiments as config_lib
-    from scaling.config import schema
     from scaling.inference import hf_model
 
     given = hf_model.literal_config(directory, dtype, max_model_len)
-    resolved = schema.resolve(given, f"--model={directory}")
-    resolved["experiment"] = Path(directory).resolve().name
-    config = ml_collections.ConfigDict(resolved)
-    config_lib.apply_overrides(config, overrides)
-    schema.check(config, schema.selectors(resolved))
-    config_lib.validate(config)
-    config.lock()
-    return config
+    return config_lib.resolve_literal(given, f"--model={directory}",
+                                      Path(directory).resolve().name, overrides)
 
 
 def load_hf_service(directory: Path, overrides: list[str], options: EngineOptions,

@@ -265,7 +265,8 @@ async def serve(model: artifact.ServedModel, host: str, port: int, max_batch_siz
 def run(argv: list[str]) -> None:
     protocol.parse_command_line(FLAGS, argv)
     if not FLAGS.artifact:
-        raise UserError("--artifact is required: the directory that --mode=export wrote")
+        raise UserError("nothing to serve: pass --artifact=DIR (a classifier that --mode=export "
+                        "wrote), or --model=DIR or --workdir=DIR (a language model)")
     protocol.check_port(FLAGS.port)
     protocol.check_minimums(FLAGS, (("max_batch_size", 1), ("max_wait_ms", 0),
                                     *protocol.LIMIT_MINIMUMS))
