@@ -54,7 +54,9 @@ flags.DEFINE_string("artifact", None, "--mode=export: the directory to write (de
 flags.DEFINE_string("source", None, "--mode=import_hf: the Hugging Face model directory "
                     "(config.json, *.safetensors, tokenizer.json) to import.")
 flags.DEFINE_string("quantize", None, "--mode=export: int8 stores weight matrices as int8 "
-                    "with one scale per output unit (default: float weights).")
+                    "with one scale per output unit (default: float weights). --mode=sample: "
+                    "int8 samples from int8 kernels, as python -m scaling.serve "
+                    "--quantize=int8 serves them.")
 flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0. "
                     "Not needed on TPU pods or under SLURM, where it is detected.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes in all.")
@@ -303,7 +305,7 @@ def sample_text_from_flags(config, workdir: Path, experiment) -> str:
         prompt=FLAGS.prompt, seed=FLAGS.sample_seed,
         max_new_tokens=pick(FLAGS.max_new_tokens, "max_new_tokens", 200),
         temperature=pick(FLAGS.temperature, "temperature", 1.0),
-        top_k=pick(FLAGS.top_k, "top_k", 0))
+        top_k=pick(FLAGS.top_k, "top_k", 0), quantize=FLAGS.quantize or "none")
     return sample.sample_from_checkpoint(config, workdir, options, experiment)
 
 

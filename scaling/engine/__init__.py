@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from scaling.data.tokenizer import Tokenizer
+from scaling.engine import quantize
 from scaling.engine.programs import Layout, Programs
 from scaling.engine.requests import Event, Request, SamplingParams, TokenLogprob
 from scaling.engine.scheduler import Engine, QueueFull
@@ -23,7 +24,7 @@ from scaling.models.transformer import unrolled
 from scaling.sharding import mesh as mesh_lib
 
 __all__ = ["Engine", "EngineOptions", "Event", "QueueFull", "Request", "SamplingParams",
-           "TokenLogprob", "make_engine"]
+           "TokenLogprob", "check_options", "make_engine"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,7 @@ class EngineOptions:
     prefill_chunk: int = 512  # prompt tokens computed per prefill step
     max_queue: int = 1024  # waiting requests beyond this are refused
     kv_cache_dtype: str = "auto"  # auto: the model's compute dtype; int8: scaled int8
+    quantize: str = "none"  # none: the weights as loaded; int8: int8 kernels (engine.quantize)
 
 
 def serving_model(model: nn.Module) -> nn.Module:
@@ -53,15 +55,21 @@ def block_bytes(model_config, block_size: int, kv_int8: bool = False) -> int:
     return 2 * c.num_layers * block_size * c.num_kv_heads * per_vector
 
 
-def make_layout(model_config, options: EngineOptions, data_parallel: int) -> Layout:
-    """The engine's sizes, checked; the pool is sized from the flags."""
-    c = model_config
+def check_options(options: EngineOptions) -> None:
+    """The options that need no model, checked: a server calls this before loading one."""
     for name in ("max_num_seqs", "kv_block_size", "prefill_chunk", "max_queue"):
         if getattr(options, name) < 1:
             raise UserError(f"--{name}={getattr(options, name)}: must be at least 1")
     if options.kv_cache_dtype not in KV_CACHE_DTYPES:
         raise UserError(f"--kv_cache_dtype={options.kv_cache_dtype}: must be one of "
                         f"{', '.join(KV_CACHE_DTYPES)}")
+    quantize.check_method(options.quantize)
+
+
+def make_layout(model_config, options: EngineOptions, data_parallel: int) -> Layout:
+    """The engine's sizes, checked; the pool is sized from the flags."""
+    c = model_config
+    check_options(options)
     kv_int8 = options.kv_cache_dtype == "int8"
     if options.num_kv_blocks < 0 or options.kv_cache_gib < 0:
         raise UserError("--num_kv_blocks and --kv_cache_gib must not be negative")
@@ -92,9 +100,13 @@ def make_engine(model: nn.Module, params, mesh: jax.sharding.Mesh, rules: tuple,
     """An engine over `params` (on `mesh`, without adapters), compiled and not yet started.
 
     `stop_ids`: the model's end-of-sequence ids (its generation_config.json's), which end
-    every request that does not ignore them; by default the tokenizer's end id."""
+    every request that does not ignore them; by default the tokenizer's end id.
+
+    With `options.quantize`, the kernels are quantized here, once, on the devices
+    (`scaling.engine.quantize`); the caller's float params are not kept."""
     model, params = unrolled(serving_model(model), params)
     layout = make_layout(model.config, options, mesh_lib.data_parallel_size(mesh, rules))
+    params = quantize.quantize_params(model, params, mesh, rules, options.quantize)
     programs = Programs(model, params, mesh, rules, layout, vocab_limit=tokenizer.vocab_size)
     engine = Engine(programs, tokenizer, options.max_queue, stop_ids)
     if warm_up:

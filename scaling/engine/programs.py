@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scaling.engine import sampling
+from scaling.engine import quantize, sampling
 from scaling.models import paged
 from scaling.sharding import mesh as mesh_lib
 
@@ -201,6 +201,7 @@ class Programs:
         self.rules = rules
         self.layout = layout
         self.tpu_decode_kernel = uses_tpu_kernel(model, mesh)
+        self.weight_bytes = quantize.weight_bytes(params)  # int8 values and scales, or floats
         cache_shardings, abstract = cache_layout(model, mesh, rules, layout)
         self.cache_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(abstract))
         self.block_bytes = self.cache_bytes // layout.num_blocks

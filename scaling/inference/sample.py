@@ -7,7 +7,8 @@ compiled `lax.scan` by the serving engine's sampler (`scaling.engine.sampling`),
 gives a request with that seed. When the text
 outgrows the model's context, decoding restarts from the last half-context of tokens.
 Only the model and its params are restored (`scaling.inference.restore`): no dataset, no
-optimizer.
+optimizer. With `--quantize=int8` the params (adapters merged first) are quantized once, as
+the server quantizes them (`scaling.engine.quantize`), so greedy text matches the server's.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ import numpy as np
 
 from scaling.data import workdir_tokenizer
 from scaling.data.preprocess import LANGUAGE_TASKS
-from scaling.engine import sampling
+from scaling.engine import quantize as quantize_lib
+from scaling.engine import sampling, serving_model
 from scaling.engine.programs import buckets
 from scaling.errors import UserError
 from scaling.inference import restore
-from scaling.models import paged
+from scaling.models import lora, paged
 from scaling.models.transformer import unrolled
 from scaling.runtime import checkpoint
 
@@ -39,8 +41,10 @@ class SampleOptions:
     temperature: float
     top_k: int
     seed: int
+    quantize: str = "none"  # scaling.engine.quantize.METHODS
 
     def validate(self) -> None:
+        quantize_lib.check_method(self.quantize)
         if self.max_new_tokens < 1:
             raise UserError(f"--max_new_tokens={self.max_new_tokens}: must be positive")
         if self.temperature < 0:
@@ -181,4 +185,12 @@ def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir, options: 
         raise UserError(f"--config.model.vocab_size={vocab}: the tokenizer has "
                         f"{tokenizer.vocab_size} tokens; raise it to at least that")
     restored = restore.load(config, workdir, experiment=experiment)
-    return sample_text(restored.model, restored.params, tokenizer, options)
+    model, params = restored.model, restored.params
+    if options.quantize != "none":
+        model_config = model.config
+        if model_config.lora_rank:
+            params = lora.merged(params, model_config.lora_rank, model_config.lora_alpha)
+        model, params = unrolled(serving_model(model), params)
+        params = quantize_lib.quantize_params(model, params, restored.mesh, restored.rules,
+                                              options.quantize)
+    return sample_text(model, params, tokenizer, options)

@@ -459,8 +459,9 @@ class Transformer(nn.Module):
             "embedding", nn.with_logical_partitioning(nn.linear.default_embed_init,
                                                       (VOCAB, EMBED)),
             (c.vocab_size, c.embed_dim), c.param_dtype)
-        # Gather before casting, so bfloat16 compute never copies the whole table.
-        x_BLD = jnp.take(embedding_VD, tokens_BL, axis=0).astype(c.dtype)
+        # Gather before casting, so bfloat16 compute never copies the whole table; through
+        # the method, so an int8 table (`scaling.models.quantized`) dequantizes its rows only.
+        x_BLD = embedding_VD.take(tokens_BL, axis=0).astype(c.dtype)
         x_BLD = constrain(x_BLD, (BATCH, SEQ, RESIDUAL))
 
         layer = Block

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from absl import flags, logging
 
-from scaling.engine import EngineOptions
+from scaling.engine import EngineOptions, check_options
 from scaling.errors import UserError, exit_on_error
 from scaling.runtime import platforms
 from scaling.serving import protocol
@@ -51,6 +51,9 @@ ENGINE_FLAG_HELP = {
     "kv_cache_dtype": "How the KV cache stores keys and values: auto (the model's compute "
                       "dtype) or int8 (scaled int8: about half the bytes of bfloat16, so "
                       "twice the cached tokens).",
+    "quantize": "How the weights are held: none (as loaded) or int8 (every kernel of "
+                "attention, MLP, embedding and output projection as int8 with a scale per "
+                "output channel, quantized once at load: about a quarter of float32's bytes).",
 }
 
 FLAGS = flags.FlagValues()
@@ -177,11 +180,14 @@ def _service(model_parts: tuple, tokenizer, model_files: tuple, name: str,
              options: EngineOptions, default_max_tokens: int):
     """The engine over a loaded model (model, params, mesh, rules), stopping on the settings'
     ids, behind the service that applies their request defaults."""
-    from scaling.engine import make_engine
+    from scaling.engine import make_engine, quantize
     from scaling.serving.lm_server import LanguageModelService
 
     settings, chat = model_files
+    loaded_bytes = quantize.weight_bytes(model_parts[1])
     engine = make_engine(*model_parts, tokenizer, options, stop_ids=settings.stop_ids)
+    print(quantize.describe(options.quantize, engine.programs.weight_bytes, loaded_bytes),
+          flush=True)
     return LanguageModelService(engine, name, chat, default_max_tokens,
                                 sampling_defaults=settings.defaults)
 
@@ -272,19 +278,21 @@ def run(argv: list[str]) -> None:
     protocol.check_port(FLAGS.port)
     protocol.check_minimums(FLAGS, (("default_max_tokens", 1), *protocol.LIMIT_MINIMUMS))
     origins = parse_origins(FLAGS.allowed_origins)
+    options = engine_options()
+    check_options(options)
     from scaling.runtime import compile_cache
     from scaling.serving import lm_server
 
     compile_cache.enable(FLAGS.compilation_cache_dir)
 
     if FLAGS.model is not None:
-        service = load_hf_service(Path(FLAGS.model), overrides, engine_options(),
+        service = load_hf_service(Path(FLAGS.model), overrides, options,
                                   FLAGS.served_model_name or FLAGS.model,
                                   FLAGS.default_max_tokens, FLAGS.dtype or "float32",
                                   FLAGS.max_model_len, FLAGS.generation_config)
     else:
         service = load_service(Path(FLAGS.workdir), FLAGS.experiment, overrides,
-                               FLAGS.checkpoint_step, engine_options(),
+                               FLAGS.checkpoint_step, options,
                                FLAGS.served_model_name, FLAGS.default_max_tokens,
                                FLAGS.generation_config)
     limits = protocol.Limits(FLAGS.max_request_bytes, FLAGS.max_json_depth, FLAGS.body_timeout_s)

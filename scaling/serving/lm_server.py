@@ -433,6 +433,9 @@ def prometheus_text(engine: Engine) -> str:
            [("", engine.pool.peak_in_use)])
     metric("kv_block_bytes", "gauge", "Bytes of one KV cache block, every layer's keys and "
            "values.", [("", engine.programs.block_bytes)])
+    metric("weight_bytes", "gauge", "Bytes of the weights, each array counted once (int8 "
+           "kernels and their scales with --quantize=int8).",
+           [("", engine.programs.weight_bytes)])
     histogram("time_to_first_token_seconds", "From arrival to the first new token.",
               stats.time_to_first_token)
     histogram("inter_token_latency_seconds", "Between consecutive tokens of a request.",
