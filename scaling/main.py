@@ -42,6 +42,22 @@ flags.DEFINE_integer("num_devices", None, "--mode=describe: size the mesh for th
 flags.DEFINE_string("topology", None, "--mode=preflight: compile for this TPU slice (v5p-128, "
                     "v5e-256, v6e-64, v4-32, ...) instead of the local devices; needs the "
                     "tpu extra.")
+flags.DEFINE_bool("serve", False, "--mode=preflight: compile the serving engine's prefill and "
+                  "decode programs instead of the train step, with the flags python -m "
+                  "scaling.serve takes (--max_num_seqs, --kv_cache_dtype, --quantize, --mesh.*, "
+                  "...), and report the largest batch that fits at --context.")
+flags.DEFINE_integer("context", None, "--mode=preflight --serve: the positions each sequence "
+                     "holds, for the programs' block tables and the largest batch (default: "
+                     "the model's max_seq_len).")
+# The engine's options, as python -m scaling.serve names them (scaling.engine.EngineOptions,
+# whose defaults apply where these are unset; tests/test_preflight_serve.py holds the two
+# lists together). --quantize, shared with other modes, is defined below.
+SERVE_FLAGS = {"max_num_seqs": flags.DEFINE_integer, "kv_block_size": flags.DEFINE_integer,
+               "num_kv_blocks": flags.DEFINE_integer, "kv_cache_gib": flags.DEFINE_float,
+               "prefill_chunk": flags.DEFINE_integer, "max_queue": flags.DEFINE_integer,
+               "kv_cache_dtype": flags.DEFINE_string}
+for _name, _define in SERVE_FLAGS.items():
+    _define(_name, None, f"--mode=preflight --serve: the server's --{_name}.")
 flags.DEFINE_string("inputs", None, "--mode=predict: a PNG, JPEG or NPY file, a directory of "
                     "them, or split:NAME of the experiment's dataset (e.g. split:test).")
 flags.DEFINE_string("output", None, "--mode=predict: the .jsonl or .csv file to write "
@@ -74,14 +90,20 @@ flags.DEFINE_string("profile_steps", None, "--mode=train: write a jax.profiler t
                     "A:B (from 1, inclusive, widened to whole compiled calls) to WORKDIR/profile.")
 
 CONFIG_PREFIX = "--config."
+MESH_PREFIX = "--mesh."  # short for --config.mesh., as python -m scaling.serve takes it
 
 
 def split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Separate `--config.a.b=value` overrides from the flags absl knows."""
+    """Separate `--config.a.b=value` (and `--mesh.axis=n`) overrides from the flags absl
+    knows."""
     overrides, rest = [], []
     for arg in argv:
-        (overrides.append(arg[len(CONFIG_PREFIX):]) if arg.startswith(CONFIG_PREFIX)
-         else rest.append(arg))
+        if arg.startswith(CONFIG_PREFIX):
+            overrides.append(arg[len(CONFIG_PREFIX):])
+        elif arg.startswith(MESH_PREFIX):
+            overrides.append("mesh." + arg[len(MESH_PREFIX):])
+        else:
+            rest.append(arg)
     return overrides, rest
 
 
@@ -183,6 +205,15 @@ def run_prepare(config, workdir: Path | None, experiment) -> None:
 
 
 def run_preflight(config, workdir: Path, experiment) -> None:
+    if FLAGS.serve:
+        from scaling.engine import EngineOptions
+        from scaling.preflight import serve
+
+        given = {name: FLAGS[name].value for name in [*SERVE_FLAGS, "quantize"]
+                 if FLAGS[name].value is not None}
+        serve.run_serve_preflight(config, FLAGS.topology, workdir, EngineOptions(**given),
+                                  FLAGS.context, experiment)
+        return
     from scaling.preflight import step_report
 
     step_report.run_preflight(config, FLAGS.topology, workdir, experiment)

@@ -34,9 +34,13 @@ DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16
 NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while",
               "conditional", "call", "after-all", "partition-id", "replica-id", "copy-done",
               "all-reduce-done", "all-gather-done", "collective-permute-done", "async-done",
+              "slice-done",
               "async-update", "add-dependency", "opt-barrier", "domain"}
 
 _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
+# An array with its layout, if written, and the memory space the layout names, if any.
+_ARRAY_SPACE = re.compile(r"(\b[a-z]+\d*(?:e\d+m\d+\w*)?\[[\d,]*\])(\{[^{}]*\})?")
+_MEMORY_SPACE = re.compile(r"S\((\d+)\)")
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
 _NAME = re.compile(r"%([\w.\-]+)")
@@ -103,6 +107,18 @@ def array_bytes(shape: str) -> float:
     for dtype, dims in _ARRAY.findall(shape):
         size = DTYPE_BYTES.get(dtype, 1 if dtype.startswith(("f8", "f4")) else 0)
         total += size * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def hbm_bytes(shape: str) -> float:
+    """`array_bytes` of the arrays that live in HBM: those whose layout names another memory
+    space (`S(1)`, TPU's VMEM, where the compiler prefetches weights and keeps small
+    temporaries) cost no HBM traffic to read or write; moving them there is counted where
+    the asynchronous copy or slice starts."""
+    total = 0.0
+    for array, layout in _ARRAY_SPACE.findall(shape):
+        space = _MEMORY_SPACE.search(layout)
+        total += array_bytes(array) if space is None or space.group(1) == "0" else 0.0
     return total
 
 
@@ -301,6 +317,32 @@ def splash_flops(module: Module, instruction: Instruction) -> float:
     return SPLASH_MATMULS[kernel.group(1)] * 2.0 * B * H * Lq * S * Dh * CAUSAL_SHARE
 
 
+# The Pallas paged-attention kernel (`scaling.models.tpu_paged_attention`) takes the whole
+# pool of pages as operands, (K, N, P, Dh) for keys and for values, and its rows' block tables
+# flattened, (B·M,); it copies only the pages the tables name into VMEM, and of those only as
+# far as each row's length, which the program does not know. Counted here: every page the
+# tables name, keys and values, which is what rows at the tables' full width read.
+_PAGED_KERNEL = re.compile(r"paged_attention\b")
+
+
+def paged_attention_bytes(module: Module, instruction: Instruction) -> float:
+    """HBM bytes of one paged-attention kernel call: its result, its small operands (queries,
+    lengths, tables) whole, and of each pool the pages its block tables name."""
+    shapes = [module.shape(o) for o in instruction.operands]
+    dims = [array_dims(shape) for shape in shapes]
+    pages = max((d for d in dims if len(d) == 4), key=math.prod, default=None)
+    tables = [math.prod(d) for d, shape in zip(dims, shapes, strict=True)
+              if len(d) == 1 and shape.startswith("s32")]
+    total = array_bytes(instruction.shape)
+    for d, shape in zip(dims, shapes, strict=True):
+        if pages is not None and d == pages:
+            K, _, P, Dh = pages
+            total += max(tables, default=0) * K * P * Dh * array_bytes(shape) / math.prod(d)
+        else:
+            total += array_bytes(shape)
+    return total
+
+
 def matmul_flops(module: Module, instruction: Instruction) -> float:
     """2 per multiply-add of a dot, a convolution or a splash-attention kernel; everything
     else is cheap beside them."""
@@ -359,9 +401,22 @@ def _convolution_flops(module: Module, instruction: Instruction, out_elements: i
     return 2.0 * non_spatial * kernel[kernel_labels.index("i")] * taps
 
 
+def _in_place_updates(instruction: Instruction) -> str | None:
+    """The operand holding what an in-place update writes into its first operand (the
+    buffer it updates, which is not read or written whole): a dynamic-update-slice's update,
+    a scatter's updates. None for any other instruction."""
+    operands = instruction.operands
+    if instruction.opcode == "dynamic-update-slice" and len(operands) > 1:
+        return operands[1]
+    if instruction.opcode == "scatter" and len(operands) == 3:
+        return operands[2]
+    return None
+
+
 def _fusion_bytes(module: Module, instruction: Instruction, body: str) -> float:
-    """Bytes a fusion reads and writes, where slicing a stacked buffer (a scanned layer's
-    weights or saved activations) counts the slice, not the stack."""
+    """Bytes a fusion reads and writes, where slicing or gathering from a buffer (a scanned
+    layer's weights, saved activations, a paged KV cache) counts what is taken, not the
+    buffer, and updating one in place counts the update."""
     fused = module.computations.get(body, [])
     params = {i.name: int(i.arguments) for i in fused
               if i.opcode == "parameter" and i.arguments.isdigit()}
@@ -372,39 +427,53 @@ def _fusion_bytes(module: Module, instruction: Instruction, body: str) -> float:
     root = module.roots.get(body)
     outputs = [] if root is None else [root] if root.opcode != "tuple" else [
         module.instructions[name] for name in root.operands if name in module.instructions]
-    written = array_bytes(instruction.shape)
+    written = hbm_bytes(instruction.shape)
     in_place = set()
     for r in outputs:
-        if r.opcode == "dynamic-update-slice" and r.operands and r.operands[0] in params:
+        updates = _in_place_updates(r)
+        if updates is not None and r.operands[0] in params:
             in_place.add(r.operands[0])
-            written -= array_bytes(r.shape) - array_bytes(module.shape(r.operands[1]))
+            written -= array_bytes(r.shape) - array_bytes(module.shape(updates))
     read = 0.0
     for name, index in params.items():
         if name in in_place or index >= len(instruction.operands):
             continue
+        outside = module.shape(instruction.operands[index])
         uses = users.get(name, [])
-        if uses and all(u.opcode == "dynamic-slice" and p == 0 for u, p in uses):
-            read += sum(array_bytes(u.shape) for u, _ in uses)
+        if uses and all(u.opcode in ("dynamic-slice", "gather") and p == 0 for u, p in uses):
+            read += sum(array_bytes(u.shape) for u, _ in uses) * (hbm_bytes(outside) > 0)
         else:
-            read += array_bytes(module.shape(instruction.operands[index]))
-    return read + written
+            read += hbm_bytes(outside)
+    return read + max(written, 0.0)
 
 
 def instruction_bytes(module: Module, instruction: Instruction) -> float:
     """HBM bytes one execution reads and writes, as XLA's cost model would roughly count."""
     opcode = instruction.opcode
-    if opcode in NO_TRAFFIC:
+    if opcode in NO_TRAFFIC or 'custom_call_target="ConcatBitcast"' in instruction.attributes:
         return 0.0
+    operand_shapes = [module.shape(o) for o in instruction.operands]
+    if opcode in ("copy-start", "slice-start"):
+        # Moves one buffer between memory spaces (a prefetch into VMEM or an eviction):
+        # the copy's operand, or the slice taken, crosses HBM once.
+        moved = sum(array_bytes(shape) for shape in operand_shapes)
+        if opcode == "slice-start":
+            moved = array_bytes(instruction.shape) - moved  # the tuple repeats the operand
+        return max(moved, 0.0)
     if opcode == "fusion":
         body = _called(instruction.attributes, "calls")
         if body:
             return _fusion_bytes(module, instruction, body[0])
-    if opcode == "dynamic-slice":
-        return 2 * array_bytes(instruction.shape)
-    if opcode == "dynamic-update-slice" and len(instruction.operands) > 1:
-        return 2 * array_bytes(module.shape(instruction.operands[1]))
-    return array_bytes(instruction.shape) + sum(
-        array_bytes(module.shape(o)) for o in instruction.operands)
+    if opcode in ("dynamic-slice", "gather"):
+        indices = operand_shapes[1:] if opcode == "gather" else []
+        return 2 * hbm_bytes(instruction.shape) + sum(map(hbm_bytes, indices))
+    updates = _in_place_updates(instruction)
+    if updates is not None:
+        indices = operand_shapes[1:-1] if opcode == "scatter" else []
+        return 2 * hbm_bytes(module.shape(updates)) + sum(map(hbm_bytes, indices))
+    if opcode == "custom-call" and _PAGED_KERNEL.match(instruction.name):
+        return paged_attention_bytes(module, instruction)
+    return hbm_bytes(instruction.shape) + sum(map(hbm_bytes, operand_shapes))
 
 
 def _callees(module: Module, instruction: Instruction) -> list[tuple[str, float, bool]]:
