@@ -91,6 +91,24 @@ def recomputed(model_and_params, prompts, max_tokens):
     return out
 
 
+def teacher_forced(model_and_params, prompts, outputs):
+    """The model's greedy choice at every generated position, given the tokens before it, with
+    no cache: one full-context forward per request. Equal to `outputs` exactly when each output
+    is the greedy continuation, as `recomputed` checks with a forward per token."""
+    model, params = model_and_params
+    context = model.config.max_seq_len
+    forward = jax.jit(lambda tokens: model.apply({"params": params}, tokens))
+    out = []
+    for prompt, generated in zip(prompts, outputs, strict=True):
+        tokens = list(prompt) + list(generated)
+        padded = np.zeros((1, context), np.int32)
+        padded[0, :len(tokens)] = tokens
+        logits = np.asarray(forward(padded))[0, :, :TOKENIZER.vocab_size]
+        positions = range(len(prompt) - 1, len(tokens) - 1)
+        out.append([int(np.argmax(logits[i])) for i in positions])
+    return out
+
+
 def greedy(max_tokens):
     return engine_lib.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
@@ -133,7 +151,8 @@ def test_32_concurrent_prompts_of_1_to_2000_tokens_give_the_uncached_tokens():
                                      zip(prompts, max_tokens, strict=True)])
     finally:
         engine.stop()
-    assert tokens == recomputed((model, params), prompts, max_tokens)
+    assert [len(t) for t in tokens] == max_tokens
+    assert tokens == teacher_forced((model, params), prompts, tokens)
     assert engine.pool.in_use == 0
 
 
@@ -161,12 +180,43 @@ def test_concurrent_greedy_requests_equal_sample_mode(model_and_params, prompts,
         assert engine.stats.decode_steps > max(MAX_TOKENS)
 
 
+def test_a_burst_of_short_prompts_is_prefilled_in_one_step(model_and_params, prompts,
+                                                           references):
+    """Seven prompts of up to 16 tokens arrive together: one prefill step of eight rows of
+    16 holds them all (a chunk of 128 tokens), and each still gets its own greedy tokens."""
+    engine = make(model_and_params, warm_up=False, max_num_seqs=8, kv_block_size=8,
+                  prefill_chunk=128)
+    short = [i for i, p in enumerate(prompts) if len(p) <= 16]
+    assert len(short) == 7
+    tokens = {i: [] for i in short}
+    done = threading.Event()
+
+    def collect(i):
+        def on_event(event):
+            tokens[i].extend(event.token_ids)
+            if event.finish_reason and all(len(tokens[j]) == MAX_TOKENS[j] for j in short):
+                done.set()
+        return on_event
+
+    for i in short:  # all queued before the loop starts: they arrive together
+        engine.submit(engine_lib.Request(str(i), prompts[i], greedy(MAX_TOKENS[i]), collect(i)))
+    engine.start()
+    try:
+        assert done.wait(120)
+    finally:
+        engine.stop()
+    assert engine.stats.prefill_steps == 1
+    assert engine.stats.prefill_tokens == sum(len(prompts[i]) for i in short)
+    assert [tokens[i] for i in short] == [references[i] for i in short]
+
+
 def test_no_request_compiles_after_warm_up(model_and_params, prompts):
     engine = make(model_and_params, max_num_seqs=4, kv_block_size=8, prefill_chunk=32)
     programs = engine.programs
     # and a sampler per row count, the program that readies a slot's sampling state, the
     # one that copies a block, and one that passes tokens on per pair of decode row counts
-    extra = 4 + len(engine.layout.decode_rows) ** 2
+    row_counts = {rows for rows, _, _ in programs.shapes()}
+    extra = len(row_counts) + 2 + len(engine.layout.decode_rows) ** 2
     assert programs.compiles == len(programs.shapes()) + extra
     compiles = []
 
@@ -227,7 +277,9 @@ def test_a_shared_prefix_is_prefilled_once(model_and_params):
     # 62 full blocks of 16 (992 tokens) are shared; only the rest of the prompt is computed.
     assert second_event.cached_tokens == 992
     assert engine.stats.prefill_tokens - computed == len(second) - 992
-    assert [first_tokens, second_tokens] == recomputed((model, params), [first, second], [4, 4])
+    outputs = [first_tokens, second_tokens]
+    assert [len(t) for t in outputs] == [4, 4]
+    assert outputs == teacher_forced((model, params), [first, second], outputs)
 
 
 def test_the_block_pool_shares_full_prefix_blocks_and_evicts_the_oldest():

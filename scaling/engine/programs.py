@@ -70,7 +70,7 @@ class Layout:
     num_blocks: int
     block_size: int
     max_num_seqs: int
-    prefill_rows: int
+    prefill_rows: int  # the data-parallel size: the rows of the smallest step
     prefill_chunk: int
     max_seq_len: int
     kv_int8: bool = False  # the pool holds int8 keys and values with per-vector scales
@@ -95,6 +95,14 @@ class Layout:
     @property
     def prefill_lengths(self) -> tuple[int, ...]:
         return buckets(self.prefill_chunk, start=min(16, self.prefill_chunk))
+
+    def prefill_row_counts(self, length: int) -> tuple[int, ...]:
+        """Row counts of a prefill step `length` tokens long: short prompts go several to a
+        step, up to a chunk's tokens (and the slots) in all, so that a burst of requests is
+        prefilled in a step or two rather than one step each."""
+        dp = self.prefill_rows
+        most = min(self.max_num_seqs, self.prefill_chunk // length) // dp * dp
+        return buckets(max(dp, most), start=dp, growth=4)
 
     @property
     def dropped_slot(self) -> int:
@@ -307,7 +315,8 @@ class Programs:
         layout = self.layout
         decode = [(rows, 1, width) for rows in layout.decode_rows
                   for width in layout.decode_widths]
-        prefill = [(layout.prefill_rows, length, width) for length in layout.prefill_lengths
+        prefill = [(rows, length, width) for length in layout.prefill_lengths
+                   for rows in layout.prefill_row_counts(length)
                    for width in layout.prefill_widths]
         return decode + prefill
 

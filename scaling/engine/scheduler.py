@@ -6,8 +6,10 @@ and joins the decode batch at the next step; it leaves the moment it stops, and 
 waiting request takes its slot. Nothing waits for the batch's slowest member.
 
 Chunked prefill: a prompt is computed `prefill_chunk` tokens at a time, and the loop
-alternates one chunk with one decode step, so a long prompt delays the running streams by one
-chunk's time per token rather than by its whole prefill.
+alternates one prefill step with one decode step, so a long prompt delays the running streams
+by one chunk's time per token rather than by its whole prefill. Short prompts share a prefill
+step, a row each, up to a chunk's tokens in all: a burst of requests gets its first tokens
+after a step or two, not after one step per request.
 
 Blocks, as vLLM takes them: a request is admitted when its prompt's blocks (less those found
 in the prefix cache), and a small watermark besides, are free and not owed to prompts already
@@ -442,25 +444,42 @@ class Engine:
                 settings.repetition_B[i] = params.repetition_penalty
         return settings
 
+    def _chunk_end(self, seq: Sequence) -> int:
+        return min(seq.prefill_to, seq.computed + self.layout.prefill_chunk)
+
+    def _next_prefill(self) -> list[Sequence]:
+        """The oldest prompts that one prefill step can hold: at least one per data-parallel
+        row, and more while the rows' longest chunk times their count stays within a chunk."""
+        layout, chosen, longest = self.layout, [], 0
+        for seq in self._prefilling:
+            n = self._chunk_end(seq) - seq.computed
+            length = programs_lib.bucket(max(longest, n), layout.prefill_lengths)
+            if len(chosen) >= layout.prefill_row_counts(length)[-1]:
+                break
+            chosen.append(seq)
+            longest = max(longest, n)
+        return chosen
+
     def _prefill_chunk(self) -> None:
-        """One chunk of the oldest prompts, one per data-parallel row."""
+        """One prefill step: a chunk of the oldest prompt, or of several short ones."""
         layout = self.layout
-        for seq in self._prefilling[:layout.prefill_rows]:
+        chosen = self._next_prefill()
+        for seq in chosen:
             if seq in self._prefilling:  # not preempted for an older row's blocks
-                self._take_blocks(seq, min(seq.prefill_to, seq.computed + layout.prefill_chunk))
-        rows: list[Sequence | None] = self._prefilling[:layout.prefill_rows]
-        rows = [s for s in rows if len(s.blocks) * layout.block_size >= min(
-            s.prefill_to, s.computed + layout.prefill_chunk)]
+                self._take_blocks(seq, self._chunk_end(seq))
+        rows: list[Sequence | None] = [
+            s for s in chosen if s in self._prefilling
+            and len(s.blocks) * layout.block_size >= self._chunk_end(s)]
         if not rows:
             return
-        spans = [(s.computed, min(s.prefill_to, s.computed + layout.prefill_chunk))
-                 for s in rows]
+        spans = [(s.computed, self._chunk_end(s)) for s in rows]
         length = programs_lib.bucket(max(end - start for start, end in spans),
                                      layout.prefill_lengths)
         width = programs_lib.bucket(max(len(s.blocks) for s in rows), layout.prefill_widths)
-        rows += [None] * (layout.prefill_rows - len(rows))
-        batch = self.programs.empty_batch(layout.prefill_rows, length, width)
-        tokens = np.zeros((layout.prefill_rows, length), np.int32)
+        num_rows = programs_lib.bucket(len(rows), layout.prefill_row_counts(length))
+        rows += [None] * (num_rows - len(rows))
+        batch = self.programs.empty_batch(num_rows, length, width)
+        tokens = np.zeros((num_rows, length), np.int32)
         for i, seq in enumerate(rows[:len(spans)]):
             start, end = spans[i]
             n = end - start
