@@ -2,7 +2,6 @@
 
 import http.client
 import json
-import os
 import queue
 import re
 import signal
@@ -11,14 +10,18 @@ import sys
 import threading
 import time
 
-from conftest import REPO
+from conftest import REPO, child_env
 
 
 class ServeProcess:
-    """The server with `args`, on one CPU device; its port is read from its first lines."""
+    """The server with `args`, on one CPU device; its port is read from its first lines.
 
-    def __init__(self, log_dir, *args, startup_timeout=180):
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    The language-model server binds its port before it loads the model, so a server that
+    never comes up fails the test within `bind_timeout` (its imports' time), or at once when
+    it exits, with its log; the model's loading and compiling then have `startup_timeout`."""
+
+    def __init__(self, log_dir, *args, startup_timeout=180, bind_timeout=45):
+        env = child_env()
         self.stderr = log_dir / "serve.stderr"
         with self.stderr.open("w") as stderr:
             self.process = subprocess.Popen(
@@ -26,22 +29,31 @@ class ServeProcess:
                 stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=REPO, env=env)
         self.lines = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
-        self.port = self._wait_for_port(startup_timeout)
+        first, self.port = self._wait_for(r"http://127\.0\.0\.1:(\d+)", bind_timeout)
+        if first.startswith("listening"):
+            self._wait_for(r"^serving ", startup_timeout)
 
     def _read(self):
         for line in self.process.stdout:
             self.lines.put(line)
         self.lines.put(None)
 
-    def _wait_for_port(self, timeout) -> int:
+    def _wait_for(self, pattern, timeout) -> tuple[str, int | None]:
+        """The first line that matches `pattern`, and the number its group holds; fails with
+        the server's log when it exits or prints no such line within `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while True:
-            line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.1))
+            try:
+                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.1))
+            except queue.Empty:
+                self.process.kill()
+                raise AssertionError(f"the server printed no {pattern!r} within {timeout} s: "
+                                     f"{self.stderr.read_text()[-2000:]}") from None
             if line is None:
                 raise AssertionError(f"the server exited: {self.stderr.read_text()[-2000:]}")
-            found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+            found = re.search(pattern, line)
             if found:
-                return int(found.group(1))
+                return line, int(found.group(1)) if found.groups() else None
 
     def request(self, method, path, body=None):
         """(status, decoded JSON) of one request; `body` may be a dict or raw bytes."""

@@ -284,6 +284,9 @@ def run(argv: list[str]) -> None:
     from scaling.serving import lm_server
 
     compile_cache.enable(FLAGS.compilation_cache_dir)
+    sock = protocol.reserve(FLAGS.host, FLAGS.port)
+    print(f"listening on http://{FLAGS.host}:{sock.getsockname()[1]}/v1; loading the model, "
+          "then compiling: requests wait until it serves", flush=True)
 
     if FLAGS.model is not None:
         service = load_hf_service(Path(FLAGS.model), overrides, options,
@@ -297,7 +300,7 @@ def run(argv: list[str]) -> None:
                                FLAGS.generation_config)
     limits = protocol.Limits(FLAGS.max_request_bytes, FLAGS.max_json_depth, FLAGS.body_timeout_s)
     asyncio.run(lm_server.serve(service, FLAGS.host, FLAGS.port, limits, FLAGS.idle_timeout_s,
-                                FLAGS.shutdown_grace_s, allowed_origins=origins))
+                                FLAGS.shutdown_grace_s, allowed_origins=origins, sock=sock))
 
 
 def entry(argv: list[str] | None = None) -> None:

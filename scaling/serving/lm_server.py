@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -445,12 +446,13 @@ def prometheus_text(engine: Engine) -> str:
 
 async def serve(service: LanguageModelService, host: str, port: int, limits: Limits,
                 idle_timeout_s: float, shutdown_grace_s: float,
-                allowed_origins: tuple[str, ...] = ()) -> None:
-    """Serve until SIGTERM or SIGINT, then finish the requests in flight and return."""
+                allowed_origins: tuple[str, ...] = (), sock: socket.socket | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then finish the requests in flight and return; on
+    `sock` when the port was reserved before the model loaded."""
     parser = ThreadPoolExecutor(max_workers=2, thread_name_prefix="parse")
     application = make_app(service, limits, parser, allowed_origins)
     runner, bound_port, stop = await protocol.listen(application, host, port, idle_timeout_s,
-                                                     shutdown_grace_s)
+                                                     shutdown_grace_s, sock)
     service.engine.start()
     layout = service.engine.layout
     print(f"serving {service.model_name} on http://{host}:{bound_port}/v1 ({layout.max_num_seqs} "

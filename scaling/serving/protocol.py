@@ -18,6 +18,7 @@ import json
 import math
 import re
 import signal
+import socket
 from http import HTTPStatus
 
 from aiohttp import web, web_protocol, web_server
@@ -130,10 +131,34 @@ def limit_connections(runner: web.AppRunner, idle_timeout_s: float) -> None:
     runner.server.idle_timeout_s = idle_timeout_s
 
 
+def reserve(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before a model loads (as vLLM binds its own): the
+    port, the one `--port=0` picks too, is known and taken from the start, and a client that
+    connects early waits in the listen queue until the server answers. A port that cannot be
+    bound is the user's error, naming `--port`."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise UserError(f"--host={host}: cannot listen there ({e.strerror})") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise UserError(f"--port={port}: cannot listen on {host}:{port} ({e.strerror})") from None
+    sock.setblocking(False)
+    return sock
+
+
 async def listen(application: web.Application, host: str, port: int, idle_timeout_s: float,
-                 shutdown_grace_s: float) -> tuple[web.AppRunner, int, asyncio.Event]:
+                 shutdown_grace_s: float, sock: socket.socket | None = None,
+                 ) -> tuple[web.AppRunner, int, asyncio.Event]:
     """Starts serving `application`: (its runner, the bound port, an event that SIGTERM or
-    SIGINT sets). A port that cannot be bound is the user's error, naming `--port`.
+    SIGINT sets), on `sock` when one was reserved. A port that cannot be bound is the user's
+    error, naming `--port`.
 
     After an early answer (408, 413) aiohttp reads what the client still sends for
     `lingering_time` before closing, so the client sees the answer, not a reset; a second is
@@ -145,7 +170,8 @@ async def listen(application: web.Application, host: str, port: int, idle_timeou
     await runner.setup()
     limit_connections(runner, idle_timeout_s)
     try:
-        await web.TCPSite(runner, host, port).start()
+        await (web.SockSite(runner, sock) if sock is not None
+               else web.TCPSite(runner, host, port)).start()
     except OSError as e:
         await runner.cleanup()
         raise UserError(f"--port={port}: cannot listen on {host}:{port} ({e.strerror})") from None
