@@ -233,8 +233,10 @@ class Server:
         self.log.close()
 
 
-def load(server: Server, prompts: np.ndarray, concurrency: int, per_worker: int) -> dict:
-    """`concurrency` workers, each sending `per_worker` requests one after another."""
+def drive(server: Server, prompts: np.ndarray, concurrency: int,
+          per_worker: int) -> tuple[list[list[float]], float]:
+    """`concurrency` workers, each sending `per_worker` requests one after another: each
+    request's token arrival times from its send, and the wall time of the whole load."""
     results, lock = [], threading.Lock()
 
     def worker(w):
@@ -249,7 +251,12 @@ def load(server: Server, prompts: np.ndarray, concurrency: int, per_worker: int)
         thread.start()
     for thread in threads:
         thread.join()
-    wall = time.perf_counter() - start
+    return results, time.perf_counter() - start
+
+
+def load(server: Server, prompts: np.ndarray, concurrency: int, per_worker: int) -> dict:
+    """Output tokens/s of `drive`, time to first token and the gaps between tokens."""
+    results, wall = drive(server, prompts, concurrency, per_worker)
     tokens = sum(len(t) for t in results)
     ttft = [t[0] for t in results]
     itl = [b - a for t in results for a, b in zip(t, t[1:], strict=False)]
