@@ -14,18 +14,20 @@ axis names through the mesh rules), and each scale is split like its kernel's ou
 whole along the contracted ones, so tensor-parallel serving splits values and scales alike
 and no step gathers either.
 
-Why not Qwix (Google's JAX quantization library, 0.1.8 tried with this jax and flax): its
+Why not Qwix (Google's JAX quantization library; 0.1.8 tried with this jax and flax): its
 post-training mode intercepts `jax.lax.dot_general`, `jnp.einsum` and `jnp.dot` inside
-`__call__` and traces each operand back to the param it came from. On this model it
-quantizes the untied output projection and nothing else: the attention and MLP kernels run
-as `x @ w` (`jnp.matmul`, which reaches `dot_general` through jax's internal module, not
-the patched attribute), and the attention kernels are reshaped from (D, H, Dh) to (D, H·Dh)
-before their matmul, which its quantized-weight wrapper refuses (it must already hold the
-compute shape, so the param's layout and sharding would change with it). Applying it, the
-transformer's `.astype(compute dtype)` of every kernel fails inside Qwix
-(`update_boxed: Unsupported type QArray`). Making it fit would mean rewriting every matmul
-of the model for the library; the form here needs two duck-typed methods and no change to
-the model's matmuls, layout or sharding.
+`__call__` and traces each operand back to the param it came from. On this model's modules
+that fails three ways, each checked on a one-kernel Linen module. A kernel used as `x @ w`
+(the dense layers here, `transformer.dense`) is left float without a word: `jnp.matmul` is
+not intercepted. A kernel reshaped before its matmul (the attention's (D, H, Dh) as
+(D, H·Dh)) is quantized and stored in the compute shape, so the param no longer has the
+checkpoint's shape or the logical axis names its sharding comes from. And a kernel cast
+before use, as `transformer._param` casts every kernel to the compute dtype, fails inside
+Qwix (`update_boxed: Unsupported type QArray`). On the whole transformer it quantized the
+untied output projection and no other kernel before failing in that cast. Making it fit would
+mean rewriting every matmul of the model for the library; the form here needs two
+duck-typed methods (`astype`, `take`) and changes nothing of the model's matmuls, param
+layout or sharding.
 """
 
 from __future__ import annotations

@@ -4,17 +4,16 @@
 every kernel through `.astype(compute dtype)` (`transformer._param`) and its embedding table
 through `.take(ids, axis=0)`; an `Int8Weight` answers both with float values, so a quantized
 tree goes into `model.apply` where the float tree went and the model code does not branch on
-it. Each layer dequantizes its own kernels just before the matmul that reads them: XLA on GPU
-and TPU fuses the int8-to-float conversion into the matmul's operand read, so a decode step,
-which is bound by the bytes of weights it reads, reads a quarter of float32's; XLA:CPU makes a
-float copy of each kernel first, so on a CPU int8 weights save memory, not time.
+it. Each layer dequantizes its own kernels just before the matmul that reads them. Where XLA
+fuses the int8-to-float conversion into the matmul's operand read (its GPU and TPU backends
+can), a decode step, which is bound by the bytes of weights it reads, reads a quarter of
+float32's; XLA:CPU makes a float copy of each kernel first, so on a CPU int8 weights save
+memory, not time (not measured on an accelerator here).
 
 Which axes a scale spans is the caller's choice (`scaling.engine.quantize` holds the
 transformer's table): a channel is one index of the axes the kernel's matmul does not
 contract, so every output unit (a head's unit, a hidden unit, a vocabulary entry) keeps its
 own resolution however small its weights are.
-
-Shape suffixes as in `scaling.models.transformer`; `C` is any kernel's contracted axes.
 """
 
 from __future__ import annotations

@@ -16,6 +16,10 @@ weights and the cache over the local devices, and the chat template and generati
 (`scaling.interop.hf_generation`: stop ids, request defaults) come from the model's files:
 `WORKDIR/tokenizer/`, where the import keeps them, or the directory itself.
 
+`--quantize=int8` holds every kernel as int8 with a scale per output channel, quantized once
+after loading and split as the float kernel was (`scaling.engine.quantize`); the bytes held
+are printed at start-up and published as `scaling_weight_bytes` in `/metrics`.
+
 The engine's flags are made from the fields of `scaling.engine.EngineOptions`, each with its
 help text in `ENGINE_FLAG_HELP`, so a new engine option is a new flag with no second list.
 """
