@@ -49,7 +49,7 @@ from scaling.training.state_summary import bytes_per_device, format_bytes
 
 REPORT_FILE = "serve_preflight.json"
 # Compiles spent looking for the largest batch, beyond the configuration's own.
-MAX_SEARCH_COMPILES = 6
+MAX_SEARCH_COMPILES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,9 +194,17 @@ class Search:
         return dataclasses.replace(self.layout, num_blocks=blocks, max_num_seqs=n)
 
     def fits(self, n: int) -> bool:
+        """Whether both programs fit beside a pool of n sequences (prefill is compiled only
+        where decode fits)."""
         if n not in self.peaks:
-            programs = compile_programs(self.serving, self.layout_for(n), self.context, None)
-            self.peaks[n] = max(peak(p) for p in programs.values())
+            layout = self.layout_for(n)
+            self.peaks[n] = 0.0
+            for shape in program_shapes(layout, self.context).values():
+                compiled = _compile_or_none(self.serving, layout, *shape)
+                self.peaks[n] = max(self.peaks[n], math.inf if compiled is None
+                                    else step_report.memory_per_device(compiled)["peak"])
+                if self.peaks[n] > self.hbm:
+                    break
         return self.peaks[n] <= self.hbm
 
     def estimate(self, n: int, m: int | None = None) -> int:
@@ -205,7 +213,7 @@ class Search:
         grew with it (the pool does, and temporaries may hold copies of it)."""
         step = self.serving.data_parallel
         if not math.isfinite(self.peaks[n]):
-            return n // 2 // step * step
+            return -1  # refused: no line through it; the search halves its bracket instead
         per_seq = context_blocks(self.layout, self.context) * self.block_bytes
         slope = max(per_seq, (self.peaks[n] - self.weights) / n)
         if m is not None and m != n and math.isfinite(self.peaks[m]):
@@ -240,6 +248,8 @@ def largest_batch(search: Search, start: int) -> tuple[int, bool]:
         low, high = fitting + step, failing - step
         if low > high:
             break
+        if not low <= guess <= high and failing < math.inf:  # refused, or a poor line
+            guess = (fitting + failing) // 2 // step * step
         guess = min(max(guess, low), high)
         if search.fits(guess):
             fitting = guess
@@ -306,6 +316,12 @@ def serve_preflight(config: ml_collections.ConfigDict, target: step_report.Targe
     report["largest_batch_blocks"] = search.layout_for(
         max(report["largest_batch"], serving.data_parallel)).num_blocks
     report["search_peaks"] = {str(n): p for n, p in sorted(search.peaks.items())}
+    n = report["largest_batch"]
+    read = (report["weights_per_device"] + n / serving.data_parallel * context
+            * report["pool"]["position_bytes_per_device"])
+    report["largest_batch_bound"] = {"bytes_read": read,
+                                     "seconds": read / chip.hbm_bandwidth,
+                                     "tokens_per_second": n * chip.hbm_bandwidth / read}
     report["compile_seconds"] = time.perf_counter() - start
     return report
 
@@ -378,6 +394,16 @@ def format_report(report: dict) -> str:
         lines.append(f"largest batch at --context={report['context']}: {n} sequences "
                      f"(--max_num_seqs={n} --num_kv_blocks={report['largest_batch_blocks']})"
                      if n else f"largest batch at --context={report['context']}: none fits")
+        if n:
+            bound = report["largest_batch_bound"]
+            lines.append(_row("its decode bound", _seconds(bound["seconds"]),
+                              f"{bound['tokens_per_second']:,.0f} tokens/s (reading "
+                              f"{format_bytes(bound['bytes_read'])} a chip a step)"))
+        if not report["largest_batch_checked"]:
+            above = min((int(k) for k, v in report["search_peaks"].items()
+                         if int(k) > n and not v <= report["chip"]["hbm_bytes"]), default=None)
+            lines.append(f"  (a lower bound: the search stopped after {MAX_SEARCH_COMPILES} "
+                         "compiles" + (f"; {above} does not fit)" if above else ")"))
     return "\n".join(lines)
 
 
