@@ -9,15 +9,18 @@ One model (a Hugging Face directory, `--model=DIR`, or a training or import work
   the share of positions whose token equals the reference's (once a token differs the two
   continue from different texts, so this counts the drift a client sees), and the share of
   prompts whose whole continuation is identical;
+- next-token agreement: the share of the reference's continuation tokens that the variant
+  picks greedily given the reference's text before each (its prompt logprobs over prompt
+  and continuation, computed through the variant's KV cache too): every choice on the same
+  context, so a single early flip counts once;
 - held-out perplexity: non-overlapping windows of the model's context from the held-out text,
   through the whole-sequence forward pass with the same params (the KV cache plays no part,
   so the int8-cache rows repeat the float ones);
 - the bytes of the weights and of the KV cache the engine holds;
 - decode tokens/s at batch 1 and 16: one, then sixteen concurrent greedy requests of
   `--new_tokens` tokens, median of `--repeats` runs after one untimed run (every program
-  is compiled at the engine's warm-up, as a server compiles them). On a CPU, where XLA
-  makes a float copy of each int8 kernel before its matmul, int8 weights save memory, not
-  time (`scaling.models.quantized`).
+  is compiled at the engine's warm-up, as a server compiles them). On a CPU int8 weights
+  are not expected to save time, only memory (`scaling.models.quantized`).
 
 The held-out text defaults to the last tenth of tiny Shakespeare, the part TFDS calls
 validation and test, which `shakespeare_char_lm` never trains on.
@@ -128,6 +131,39 @@ def greedy(engine, prompts: list[list[int]], new_tokens: int) -> tuple[list[list
     return outputs, time.perf_counter() - start
 
 
+def next_token_agreement(engine, prompts: list[list[int]],
+                         reference: list[list[int]]) -> float:
+    """The share of the reference's continuation tokens that this engine also picks greedily
+    when given the reference's text up to each (from its prompt logprobs): each choice on the
+    same context, so one early difference does not carry into the rest."""
+    from scaling import engine as engine_lib
+
+    logprobs, finished, done, lock = {}, [0], threading.Event(), threading.Lock()
+
+    def collector(i):
+        def on_event(event):
+            if event.prompt_logprobs:
+                logprobs[i] = event.prompt_logprobs
+            if event.finish_reason:
+                with lock:
+                    finished[0] += 1
+                    if finished[0] == len(prompts):
+                        done.set()
+        return on_event
+
+    params = engine_lib.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True,
+                                       prompt_logprobs=1)
+    texts = [prompt + output for prompt, output in zip(prompts, reference, strict=True)]
+    engine.submit_many([engine_lib.Request(f"t{i}", text, params, collector(i))
+                        for i, text in enumerate(texts)])
+    if not done.wait(1800):
+        raise RuntimeError("prompt logprobs did not arrive in 30 minutes")
+    same = [logprobs[i][position].top[0][0] == text[position]
+            for i, (prompt, text) in enumerate(zip(prompts, texts, strict=True))
+            for position in range(len(prompt), len(text))]
+    return float(np.mean(same))
+
+
 def perplexity(model, params, tokens: np.ndarray, windows: int) -> float:
     """exp of the mean next-token loss over non-overlapping context-long windows."""
     L = model.config.max_seq_len
@@ -194,6 +230,7 @@ def main() -> None:
         engine.start()
         try:
             outputs, _ = greedy(engine, prompts, args.new_tokens)
+            stepwise = next_token_agreement(engine, prompts, reference or outputs)
             speeds = {}
             for batch in (1, 16):
                 greedy(engine, prompts[:batch], args.new_tokens)  # every shape compiled
@@ -209,6 +246,7 @@ def main() -> None:
             perplexities[method] = perplexity(serving, engine.programs.params, tokens,
                                               args.ppl_windows)
         rows.append({"variant": name, "agreement": float(same.mean()),
+                     "next_token_agreement": stepwise,
                      "identical_prompts": float(same.all(axis=1).mean()),
                      "perplexity": perplexities[method],
                      "weight_bytes": engine.programs.weight_bytes,
@@ -218,12 +256,14 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
 
     base = rows[0]
-    print("\n| variant | greedy agreement | identical continuations | held-out perplexity "
-          "| weight bytes | KV cache bytes | decode tok/s, batch 1 | batch 16 |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| variant | greedy agreement | identical continuations | next-token agreement "
+          "| held-out perplexity | weight bytes | KV cache bytes | decode tok/s, batch 1 "
+          "| batch 16 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         change = row["perplexity"] / base["perplexity"] - 1
         print(f"| {row['variant']} | {row['agreement']:.1%} | {row['identical_prompts']:.0%} | "
+              f"{row['next_token_agreement']:.1%} | "
               f"{row['perplexity']:.3f} ({change:+.2%}) | {row['weight_bytes']:,} "
               f"({row['weight_ratio']:.3f}x) | {row['cache_bytes']:,} "
               f"({row['cache_bytes'] / base['cache_bytes']:.2f}x) | "

@@ -7,8 +7,8 @@ tree goes into `model.apply` where the float tree went and the model code does n
 it. Each layer dequantizes its own kernels just before the matmul that reads them. Where XLA
 fuses the int8-to-float conversion into the matmul's operand read (its GPU and TPU backends
 can), a decode step, which is bound by the bytes of weights it reads, reads a quarter of
-float32's; XLA:CPU makes a float copy of each kernel first, so on a CPU int8 weights save
-memory, not time (not measured on an accelerator here).
+float32's. On a CPU the conversion is expected to run apart from the matmul, so int8 weights
+save memory there rather than time (neither measured on an accelerator here).
 
 Which axes a scale spans is the caller's choice (`scaling.engine.quantize` holds the
 transformer's table): a channel is one index of the axes the kernel's matmul does not
