@@ -8,9 +8,9 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, child_env, run_cli
 
-EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+EIGHT_DEVICES = {"XLA_FLAGS": child_env(8)["XLA_FLAGS"]}
 
 
 def assert_user_error(result, *fragments):

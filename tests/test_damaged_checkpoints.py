@@ -16,6 +16,9 @@ from scaling.runtime import checkpoint
 from scaling.sharding import mesh as mesh_lib
 from scaling.training import run as run_lib
 
+# The tests share a module fixture that is costly to build: one worker builds it once.
+pytestmark = pytest.mark.xdist_group("damaged_checkpoints")
+
 PARTS = ["_CHECKPOINT_METADATA", "default/_METADATA", "default/_sharding",
          "default/manifest.ocdbt", "default/array_metadatas/process_0",
          "default/ocdbt.process_0/manifest.ocdbt", "default/ocdbt.process_0/d/*",

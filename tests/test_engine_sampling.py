@@ -18,6 +18,9 @@ from scaling.data.tokenizer import ByteTokenizer
 from scaling.engine.requests import TextStream
 from scaling.models.transformer import Transformer, TransformerConfig
 
+# The tests share a module fixture that is costly to build: one worker builds it once.
+pytestmark = pytest.mark.xdist_group("engine_sampling")
+
 CONFIG = TransformerConfig(vocab_size=260, num_layers=2, embed_dim=64, num_heads=4,
                            num_kv_heads=2, head_dim=16, mlp_dim=128, max_seq_len=128)
 TOKENIZER = ByteTokenizer()

@@ -7,7 +7,6 @@ continuations; none of these tests needs torch or transformers.
 """
 
 import json
-import os
 import shutil
 import socket
 import struct
@@ -19,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, SHAKESPEARE_DIR, run_cli
+from conftest import REPO, SHAKESPEARE_DIR, child_env, run_cli
 from test_cli import assert_user_error
 
 from scaling.config import experiments as config_lib
@@ -258,8 +257,7 @@ def test_two_processes_each_read_only_their_devices_slices(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu"}
+    env = {**child_env(4), "JAX_PLATFORMS": "cpu"}
     processes = [subprocess.Popen(
         [sys.executable, str(script), f"127.0.0.1:{port}", str(i), str(experiment),
          str(FIXTURES / "llama")], env=env, cwd=REPO, stdout=subprocess.PIPE,

@@ -17,6 +17,9 @@ from scaling.data.tokenizer import TOKENIZER_DIR, ByteTokenizer, load_tokenizer,
 from scaling.errors import UserError
 from scaling.inference import export, predict, sample
 
+# The tests share a module fixture that is costly to build: one worker builds it once.
+pytestmark = pytest.mark.xdist_group("inference_offline")
+
 MLP = ["--config.num_steps=16", "--config.batch_size=32", "--config.eval_batch_size=96",
        "--config.steps_per_call=8", "--config.log_every_steps=8"]
 LM = ["--config.num_steps=4", "--config.steps_per_call=4", "--config.optimizer.warmup_steps=1",

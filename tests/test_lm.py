@@ -47,6 +47,11 @@ MESHES = {  # data parallelism alone is the MLP's and the multi-process tests' m
 }
 
 
+# The tests that compare against the module's one-device run share one worker, which trains it once.
+ONE_DEVICE_RUN = pytest.mark.xdist_group("lm_one_device")
+
+
+@ONE_DEVICE_RUN
 @pytest.mark.parametrize("mesh", MESHES, ids=list(MESHES))
 def test_every_mesh_matches_one_device(mesh, tmp_path, shakespeare_dir, one_device_losses):
     overrides, shard_shape = MESHES[mesh]
@@ -126,6 +131,7 @@ def test_tensor_parallel_all_reduces_activations_as_the_model_predicts(shakespea
     assert_state_keeps_its_shardings(run, compiled)
 
 
+@ONE_DEVICE_RUN
 def test_accumulation_and_remat_leave_the_loss_unchanged(tmp_path, shakespeare_dir,
                                                          one_device_losses):
     for name, extra in (("accumulated", ["grad_accum_steps=4"]),

@@ -14,6 +14,9 @@ from PIL import Image
 from test_cli import assert_user_error
 from test_reliability import tiny_args, train_with_checkpoints
 
+# The tests share a module fixture that is costly to build: one worker builds it once.
+pytestmark = pytest.mark.xdist_group("mistakes_optimized")
+
 FIXTURE = REPO / "tests" / "fixtures" / "hf" / "llama31"
 
 

@@ -1,5 +1,6 @@
 """Several processes on one machine, as a double of a multi-host pod, through launch/local.py."""
 
+import os
 import shutil
 import signal
 import subprocess
@@ -10,6 +11,9 @@ import pytest
 from conftest import REPO
 
 from scaling.runtime.metrics import read_metrics
+
+# The tests share a module fixture that is costly to build: one worker builds it once.
+pytestmark = pytest.mark.xdist_group("multihost")
 
 LAUNCHER = REPO / "launch" / "local.py"
 COMMON = ["--experiment=fashion_mnist_mlp", "--config.log_every_steps=1",
@@ -140,7 +144,7 @@ def test_dry_run_prints_each_process_command():
         [sys.executable, str(LAUNCHER), "--num_processes=2", "--devices_per_process=4",
          "--port=12345", "--timeout=9", "--dry_run", "--", "--experiment=mnist_mlp",
          "--config.model.hidden_sizes=(64, 64)", "--workdir=/tmp/a b;rm -rf ~"],
-        capture_output=True, text=True, cwd=REPO)
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "XLA_FLAGS": ""})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines == [

@@ -18,6 +18,9 @@ from scaling.data.images import LABEL_NAMES
 from scaling.errors import UserError
 from scaling.inference import export, predict
 
+# The tests share a module fixture that is costly to build: one worker builds it once.
+pytestmark = pytest.mark.xdist_group("predict")
+
 TRAIN = ["--config.num_steps=16", "--config.batch_size=32", "--config.eval_batch_size=100",
          "--config.steps_per_call=8", "--config.checkpoint_every_steps=8",
          "--config.log_every_steps=8"]

@@ -11,7 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, child_env, run_cli
 from test_cli import assert_user_error, committed_steps
 
 from scaling.config import experiments as config_lib
@@ -120,7 +120,7 @@ config, module = config_lib.load_config("mnist_mlp", {tiny_config_overrides(tiny
 loop.train_and_evaluate(config, Path({str(tmp_path)!r}), module)
 print(imported_at_save)
 """
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             cwd=REPO, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -319,7 +319,7 @@ def test_a_second_run_on_a_busy_workdir_exits_2_and_the_first_finishes_as_if_alo
     # Wide layers and many steps: the first run is still training when the second starts.
     train = ["--config.model.hidden_sizes=1024,1024", "--config.num_steps=1500",
              "--config.checkpoint_every_steps=500"]
-    one_device = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # as run_cli has
+    one_device = child_env()  # as run_cli has
     first = subprocess.Popen([sys.executable, "-m", "scaling.main",
                               *tiny_args(tiny_idx_dir, workdir, *train)],
                              cwd=REPO, env=one_device, stdout=subprocess.DEVNULL,

@@ -22,6 +22,9 @@ from scaling.inference import export
 from scaling.serving.server import Batcher
 from scaling.training import loop
 
+# The tests share a module fixture that is costly to build: one worker builds it once.
+pytestmark = pytest.mark.xdist_group("serve")
+
 MAX_REQUEST_BYTES = 64 * 1024
 
 

@@ -4,13 +4,12 @@ generation settings read from a model's files, and the server's flags made from
 
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, child_env, run_cli
 from serve_process import ServeProcess
 from test_cli import assert_user_error
 from test_hf import FIXTURES, write_experiment
@@ -23,7 +22,7 @@ SMALL = ["--max_num_seqs=2", "--kv_block_size=4", "--prefill_chunk=8"]
 
 
 def serve_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     return subprocess.run([sys.executable, "-m", "scaling.serve", "--port=0", *args],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 

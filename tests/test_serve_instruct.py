@@ -18,6 +18,9 @@ from serve_process import ServeProcess
 
 from scaling.data.tokenizer import HuggingFaceTokenizer
 
+# The tests share a module fixture that is costly to build: one worker builds it once.
+pytestmark = pytest.mark.xdist_group("serve_instruct")
+
 MODEL_DIR = REPO / "tests" / "fixtures" / "hf" / "llama3_instruct"
 REFERENCE = json.loads((MODEL_DIR / "reference.json").read_text())
 SERVER_FLAGS = ["--max_num_seqs=4", "--kv_block_size=8", "--prefill_chunk=32"]

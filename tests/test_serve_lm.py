@@ -18,6 +18,9 @@ from scaling.config import experiments as config_lib
 from scaling.inference import sample
 from scaling.training import loop
 
+# The tests share a module fixture that is costly to build: one worker builds it once.
+pytestmark = pytest.mark.xdist_group("serve_lm")
+
 TINY = ["model.embed_dim=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
         "model.head_dim=8", "model.mlp_dim=64", "model.max_seq_len=96", "data.seq_len=32",
         "batch_size=8", "eval_batch_size=8", "num_steps=200", "steps_per_call=50",
