@@ -138,12 +138,13 @@ def write_scenario(folder: Path, port: int, tokenizer: Path, prompts: np.ndarray
     A prompt row with `output_tokens_count` makes guidellm send `max_tokens` and
     `ignore_eos`; the body extras make decoding greedy as ours is, ask for the final usage
     only (guidellm asks for usage on every chunk by default, work our generator does not
-    ask the server for), and keep the server from adding a begin-of-text token."""
+    ask the server for), keep the server from adding a begin-of-text token, and keep the
+    text of special tokens the random model may draw, so that every token has its event."""
     data = folder / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": " ".join(f"w{t}" for t in row),
                                         "output_tokens_count": NEW_TOKENS}) + "\n"
                             for row in prompts))
-    body = {"temperature": 0, "add_special_tokens": False,
+    body = {"temperature": 0, "add_special_tokens": False, "skip_special_tokens": False,
             "stream_options": {"include_usage": True}}
     spec = {
         "backend": {"kind": "openai_http", "target": f"http://127.0.0.1:{port}",

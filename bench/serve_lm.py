@@ -200,7 +200,10 @@ class Server:
     def stream(self, prompt: list[int]) -> list[float]:
         """Arrival times of each token of one greedy streaming completion, from its send."""
         body = json.dumps({"model": "bench_llama", "prompt": prompt, "max_tokens": NEW_TOKENS,
-                           "temperature": 0, "stream": True, "ignore_eos": True})
+                           "temperature": 0, "stream": True, "ignore_eos": True,
+                           # the random model may draw <s> or </s>, whose text would be
+                           # skipped and their events with it: every token keeps its event
+                           "skip_special_tokens": False})
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
         start = time.perf_counter()
         connection.request("POST", "/v1/completions", body=body,
