@@ -32,6 +32,7 @@ layout or sharding.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -96,8 +97,11 @@ def quantize_params(model: nn.Module, params: Any, mesh: jax.sharding.Mesh, rule
 
 
 def _logical_names(model: nn.Module) -> dict[tuple[str, ...], tuple[str | None, ...]]:
-    """Each param's logical axis names, by path, from an abstract init of the model."""
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0),
+    """Each param's logical axis names, by path, from an abstract init of the model. The
+    init runs plain einsum attention: the params are the same for every attention form, and
+    a kernel such as splash refuses the one-token sequence traced here."""
+    plain = model.clone(config=dataclasses.replace(model.config, attention="grouped_einsum"))
+    boxed = jax.eval_shape(lambda: plain.init(jax.random.key(0),
                                               jnp.zeros((1, 1), jnp.int32))["params"])
     specs = flax.traverse_util.flatten_dict(nn.get_partition_spec(boxed))
     return {path: tuple(spec) for path, spec in specs.items()}
