@@ -10,6 +10,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import pytest
 from conftest import REPO, child_env, run_cli
 from test_cli import assert_user_error, committed_steps
@@ -194,6 +195,29 @@ def test_changed_model_config_is_refused_unless_overridden(tmp_path, tiny_idx_di
     assert allowed.returncode == 0, allowed.stderr
     assert "resumed at step 8" in allowed.stdout
     assert json.loads((workdir / "config.json").read_text())["model"]["dtype"] == "bfloat16"
+
+
+def test_a_lora_run_is_not_restored_over_another_base(tmp_path):
+    """The adapters of a LoRA run sit on init_from's params (or the seed's): a command that
+    names another base, or none, is refused as a model change, not run on random params."""
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "8").mkdir(parents=True)
+    recorded = {"model": {"lora_rank": 2}, "task": "language_modeling",
+                "init_from": "/models/base", "seed": 0}
+    (workdir / "config.json").write_text(json.dumps(recorded))
+    same = ml_collections.ConfigDict(recorded)
+    assert provenance.check_model_config(workdir, same, allow_change=False) == []
+    for changed, line in (({"init_from": ""}, 'init_from: "/models/base" in config.json, "" now'),
+                          ({"seed": 1}, "seed: 0 in config.json, 1 now")):
+        with pytest.raises(UserError) as refused:
+            provenance.check_model_config(
+                workdir, ml_collections.ConfigDict({**recorded, **changed}), allow_change=False)
+        assert line in str(refused.value) and "different model config" in str(refused.value)
+    # Without adapters the checkpoint holds every param: the base is not part of it.
+    full = {**recorded, "model": {"lora_rank": 0}}
+    (workdir / "config.json").write_text(json.dumps(full))
+    assert provenance.check_model_config(
+        workdir, ml_collections.ConfigDict({**full, "init_from": ""}), allow_change=False) == []
 
 
 def test_provenance_records_config_versions_and_revision(tmp_path, tiny_idx_dir):

@@ -27,6 +27,7 @@ PACKAGES = ("scaling", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "nu
             "ml-collections", "tensorflow-datasets")
 # Config sections that define what a checkpoint's arrays mean.
 MODEL_SECTIONS = ("model", "task")
+LORA_BASE_KEYS = ("init_from", "seed")  # what makes a LoRA run's frozen params
 ALLOW_FLAG = "--allow_config_change"
 
 
@@ -131,6 +132,14 @@ def check_model_config(workdir: Path, config: ml_collections.ConfigDict,
     differences = []
     for section in MODEL_SECTIONS:
         differences += _differences(recorded.get(section), current.get(section), section)
+    if isinstance(recorded.get("model"), dict) and recorded["model"].get("lora_rank"):
+        # A LoRA run saves only its adapters: the frozen params under them are init_from's,
+        # or the seed's init, made again at restore, so both are as much the model as its
+        # shapes. Left unchecked, a command without the run's init_from would restore the
+        # adapters over random params and say nothing.
+        for key in LORA_BASE_KEYS:
+            if key in recorded:
+                differences += _differences(recorded[key], current.get(key, _ABSENT), key)
     if differences and not allow_change:
         raise UserError(
             f"--workdir={workdir}: its checkpoints were written with a different model "
