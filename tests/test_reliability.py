@@ -343,7 +343,9 @@ def test_a_second_run_on_a_busy_workdir_exits_2_and_the_first_finishes_as_if_alo
     # Wide layers and many steps: the first run is still training when the second starts.
     train = ["--config.model.hidden_sizes=1024,1024", "--config.num_steps=1500",
              "--config.checkpoint_every_steps=500"]
-    one_device = child_env()  # as run_cli has
+    # Training long enough to be found busy runs its steps more than it compiles: XLA's
+    # default flags, as a user's shell has them (the tests' drop LLVM's optimisation).
+    one_device = {**child_env(), "XLA_FLAGS": ""}
     first = subprocess.Popen([sys.executable, "-m", "scaling.main",
                               *tiny_args(tiny_idx_dir, workdir, *train)],
                              cwd=REPO, env=one_device, stdout=subprocess.DEVNULL,
@@ -374,7 +376,8 @@ def test_a_second_run_on_a_busy_workdir_exits_2_and_the_first_finishes_as_if_alo
     # alone, to the bit.
     starts = [json.loads(r) for r in (workdir / "provenance.jsonl").read_text().splitlines()]
     assert [s["mode"] for s in starts] == ["train", "eval"]
-    assert run_cli(*tiny_args(tiny_idx_dir, alone, *train)).returncode == 0
+    assert run_cli(*tiny_args(tiny_idx_dir, alone, *train),
+                   env_extra={"XLA_FLAGS": ""}).returncode == 0
     evaluations = [r for r in logged(workdir) if r["split"] != "train" and r["step"] < 1500]
     assert len(evaluations) == 1  # the evaluation's own record, beside the run's
     history = [r for r in logged(workdir) if r not in evaluations]
