@@ -99,10 +99,11 @@ class Layout:
     def prefill_row_counts(self, length: int) -> tuple[int, ...]:
         """Row counts of a prefill step `length` tokens long: short prompts go several to a
         step, up to a chunk's tokens (and the slots) in all, so that a burst of requests is
-        prefilled in a step or two rather than one step each."""
+        prefilled in a step or two rather than one step each. Counts double, so that a
+        step pads at most as many rows as it fills: padding rows cost as much as full ones."""
         dp = self.prefill_rows
         most = min(self.max_num_seqs, self.prefill_chunk // length) // dp * dp
-        return buckets(max(dp, most), start=dp, growth=4)
+        return buckets(max(dp, most), start=dp, growth=2)
 
     @property
     def dropped_slot(self) -> int:
