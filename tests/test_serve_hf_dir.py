@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import REPO, child_env, run_cli
@@ -245,3 +246,14 @@ def test_an_exported_instruct_model_chats_and_stops_on_its_turn_end(tmp_path):
         assert body["choices"][0]["message"]["content"] == chat["text"]
         assert body["choices"][0]["finish_reason"] == "stop"
         assert body["usage"]["prompt_tokens"] == len(chat["prompt_ids"])
+
+
+def test_a_server_that_never_serves_fails_its_fixture_at_once_with_its_log(tmp_path):
+    """The fixture does not wait out its start-up limits for a server that has exited: the
+    failure comes as the process ends, and carries the server's own error line."""
+    started = time.monotonic()
+    with pytest.raises(AssertionError) as failed:
+        ServeProcess(tmp_path, f"--model={tmp_path / 'absent'}")
+    assert time.monotonic() - started < 30
+    assert "the server exited" in str(failed.value)
+    assert f"{tmp_path / 'absent'}: not a directory" in str(failed.value)
