@@ -62,14 +62,13 @@ import json
 import os
 import resource
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from machine_load import cpu_seconds, others_share, print_load
 from results import Check, Contender, write_results
-from serve_lm import NEW_TOKENS, PROMPT_LEN, SHAPE, Server, drive, import_workdir, write_checkpoint
+from serve_lm import NEW_TOKENS, PROMPT_LEN, SHAPE, Server, drive, prepared_model
 
 METRICS = ("tokens_per_s", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99")
 LABELS = {"tokens_per_s": "output tokens/s", "ttft_p50": "TTFT p50, ms",
@@ -249,18 +248,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     version = tool_version(args.tool_python)
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        raise SystemExit("note: torch and transformers are not installed; pip install them "
-                         "to write the benchmark's checkpoint") from None
-
     machine = cpu_seconds()
-    root = Path(tempfile.mkdtemp(prefix="load_tool_"))
-    source = root / "hf"
-    write_checkpoint(source)
-    experiment, workdir = import_workdir(source, root)
+    source, experiment, workdir = prepared_model("load_tool_")
+    root = source.parent
     rng = np.random.default_rng(0)
 
     def fresh(count: int) -> np.ndarray:

@@ -98,6 +98,22 @@ def import_workdir(source: Path, root: Path) -> tuple[Path, Path]:
     return experiment, workdir
 
 
+def prepared_model(prefix: str) -> tuple[Path, Path, Path]:
+    """The bench's random Llama, written as a Hugging Face directory and imported into a
+    workdir under a new temporary folder: (the directory, the experiment file, the workdir).
+    transformers writes the checkpoint, so the bench stops here without it."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        raise SystemExit("note: torch and transformers are not installed; pip install them "
+                         "to run this benchmark") from None
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    source = root / "hf"
+    write_checkpoint(source)
+    return (source, *import_workdir(source, root))
+
+
 def memory_bandwidth(mib: int = 256, repeats: int = 10) -> float:
     """Bytes/s of a jitted sum over a float32 array far larger than the caches (median)."""
     import jax
@@ -274,18 +290,8 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        raise SystemExit("note: torch and transformers are not installed; pip install them "
-                         "to run this benchmark") from None
-
     machine = cpu_seconds()
-    root = Path(tempfile.mkdtemp(prefix="serve_lm_"))
-    source = root / "hf"
-    write_checkpoint(source)
-    experiment, workdir = import_workdir(source, root)
+    source, experiment, workdir = prepared_model("serve_lm_")
     rng = np.random.default_rng(0)
     prompts = rng.integers(2, SHAPE["vocab_size"], (64, PROMPT_LEN)).astype(np.int64)
 
@@ -326,7 +332,7 @@ def main() -> None:
                                 nbytes / step / bandwidth, at_least=0.85))
 
     print("(b) the server, streaming greedy completions over loopback")
-    server = Server(experiment, workdir, root / "serve.log")
+    server = Server(experiment, workdir, source.parent / "serve.log")
     try:
         rows = []
         for concurrency in (int(c) for c in args.concurrency.split(",")):

@@ -89,29 +89,11 @@ flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation c
 flags.DEFINE_string("profile_steps", None, "--mode=train: write a jax.profiler trace of steps "
                     "A:B (from 1, inclusive, widened to whole compiled calls) to WORKDIR/profile.")
 
-CONFIG_PREFIX = "--config."
-MESH_PREFIX = "--mesh."  # short for --config.mesh., as python -m scaling.serve takes it
-
-
-def split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Separate `--config.a.b=value` (and `--mesh.axis=n`) overrides from the flags absl
-    knows."""
-    overrides, rest = [], []
-    for arg in argv:
-        if arg.startswith(CONFIG_PREFIX):
-            overrides.append(arg[len(CONFIG_PREFIX):])
-        elif arg.startswith(MESH_PREFIX):
-            overrides.append("mesh." + arg[len(MESH_PREFIX):])
-        else:
-            rest.append(arg)
-    return overrides, rest
-
-
 _overrides: list[str] = []
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    overrides, rest = split_config_args(argv)
+    overrides, rest = config_lib.split_overrides(argv)
     _overrides[:] = overrides
     try:
         return FLAGS(rest)

@@ -121,6 +121,24 @@ def _line_in(error: BaseException, path: Path) -> str:
     return f" at line {lines[-1]}" if lines else ""
 
 
+CONFIG_PREFIX = "--config."
+MESH_PREFIX = "--mesh."  # short for --config.mesh., as both entry points take it
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """`--config.a.b=v` and `--mesh.axis=n` overrides (as `a.b=v`, `mesh.axis=n`) apart from
+    the other arguments, which the entry point's own flags parse."""
+    overrides, rest = [], []
+    for arg in argv:
+        if arg.startswith(CONFIG_PREFIX):
+            overrides.append(arg[len(CONFIG_PREFIX):])
+        elif arg.startswith(MESH_PREFIX):
+            overrides.append("mesh." + arg[len(MESH_PREFIX):])
+        else:
+            rest.append(arg)
+    return overrides, rest
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
     """Apply `a.b=value` strings in place, each parsed as the type of the field it replaces."""
     for override in overrides:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from absl import flags, logging
 
+from scaling.config import experiments as config_lib
 from scaling.engine import EngineOptions, check_options
 from scaling.errors import UserError, exit_on_error
 from scaling.runtime import platforms
@@ -124,23 +125,6 @@ flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation c
 flags.DEFINE_float("shutdown_grace_s", 30.0, "On SIGTERM, the longest the requests in flight "
                    "may hold up the exit.", flag_values=FLAGS)
 
-CONFIG_PREFIX = "--config."
-MESH_PREFIX = "--mesh."
-
-
-def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """`--config.a.b=v` and `--mesh.axis=n` overrides apart from the server's own flags."""
-    overrides, rest = [], []
-    for arg in argv:
-        if arg.startswith(CONFIG_PREFIX):
-            overrides.append(arg[len(CONFIG_PREFIX):])
-        elif arg.startswith(MESH_PREFIX):
-            overrides.append("mesh." + arg[len(MESH_PREFIX):])
-        else:
-            rest.append(arg)
-    return overrides, rest
-
-
 def engine_options() -> EngineOptions:
     return EngineOptions(**{field.name: FLAGS[field.name].value
                             for field in dataclasses.fields(EngineOptions)})
@@ -201,7 +185,6 @@ def load_service(workdir: Path, experiment: str | None, overrides: list[str],
                  served_model_name: str | None = None, default_max_tokens: int = 16,
                  generation_config: str = "auto"):
     """The workdir's model restored on its mesh, compiled into an engine, behind a service."""
-    from scaling.config import experiments as config_lib
     from scaling.data import workdir_tokenizer
     from scaling.data.tokenizer import TOKENIZER_DIR
     from scaling.inference import restore
@@ -231,7 +214,6 @@ def hf_directory_config(directory: Path, overrides: list[str], dtype: str = "flo
                         max_model_len: int | None = None):
     """The resolved config of a Hugging Face directory: its architecture over the schema's
     defaults, then the `--config.` and `--mesh.` overrides, checked as an experiment's."""
-    from scaling.config import experiments as config_lib
     from scaling.inference import hf_model
 
     given = hf_model.literal_config(directory, dtype, max_model_len)
@@ -276,7 +258,7 @@ def check_sources() -> None:
 
 
 def run(argv: list[str]) -> None:
-    overrides, argv = split_overrides(argv)
+    overrides, argv = config_lib.split_overrides(argv)
     protocol.parse_command_line(FLAGS, argv)
     check_sources()
     protocol.check_port(FLAGS.port)
